@@ -1,0 +1,36 @@
+"""moe_jax: Mixture-of-Experts layers with null experts and XMoE threshold routing for JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description=(
+        "Mixture-of-Experts for JAX/Flax NNX: null experts (data sparsity), XMoE threshold "
+        "routing, expert parallelism and a Pallas grouped matmul."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_jax", "moe_jax.*", "kernels_pallas", "kernels_pallas.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "jaxlib>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        "notebook": ["jupyter", "ipykernel>=6"],
+    },
+)
