@@ -1,0 +1,62 @@
+"""Dropless dispatch: sort assignments by expert, drop null slots, gather rows, combine.
+
+The sorted buffer has a static number of rows R (T*S for token choice, fewer when capacity
+bounds the total); only the first `num_real` rows are real. Rows past num_real are zero on the
+way in and masked on the way out, so a backend that leaves them undefined can never leak NaN or
+garbage into the combine.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Plan(NamedTuple):
+    token_idx: jax.Array  # [R] int32, source token of each sorted row
+    weights: jax.Array  # [R] combine weight of each sorted row (0 past num_real)
+    group_sizes: jax.Array  # [N] int32, real rows per expert
+    num_real: jax.Array  # scalar int32, rows routed to real experts
+    row_valid: jax.Array  # [R] bool, row < num_real
+
+
+def make_plan(
+    expert_ids: jax.Array, weights: jax.Array, num_experts: int, max_rows: int | None = None
+) -> Plan:
+    """Sort (token, slot) pairs by expert id; the sentinel id N sorts last and is excluded.
+
+    expert_ids, weights: [T, S]. max_rows bounds the buffer (must be >= the real assignments;
+    callers pass a bound that capacity guarantees)."""
+    t, s = expert_ids.shape
+    r_max = t * s if max_rows is None else min(max_rows, t * s)
+    flat_e = expert_ids.reshape(-1)  # [T*S]
+    order = jnp.argsort(flat_e, stable=True)[:r_max]  # [R]
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_e].add(1, mode="drop")  # [N]
+    num_real = jnp.sum(group_sizes)
+    row_valid = jnp.arange(r_max) < num_real  # [R]
+    token_idx = (order // s).astype(jnp.int32)
+    w = jnp.where(row_valid, weights.reshape(-1)[order], 0.0)
+    return Plan(token_idx, w, group_sizes, num_real, row_valid)
+
+
+def gather(x: jax.Array, plan: Plan) -> jax.Array:
+    """x [T, D] -> xs [R, D] in expert order; rows past num_real are exact zeros."""
+    xs = jnp.take(x, plan.token_idx, axis=0)  # [R, D]
+    return jnp.where(plan.row_valid[:, None], xs, jnp.zeros((), x.dtype))
+
+
+def combine(ys: jax.Array, plan: Plan, num_tokens: int, out_dtype=None) -> jax.Array:
+    """ys [R, D] -> y [T, D]: weighted scatter-add back to tokens. Rows past num_real are
+    masked with `where` (not multiplied) so NaN/Inf there cannot propagate."""
+    w = plan.weights.astype(jnp.float32)
+    contrib = jnp.where(plan.row_valid[:, None], ys.astype(jnp.float32) * w[:, None], 0.0)
+    y = jnp.zeros((num_tokens, ys.shape[1]), jnp.float32).at[plan.token_idx].add(contrib)
+    return y.astype(out_dtype or ys.dtype)
+
+
+def group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """[R] group index of each sorted row (G for rows past sum(group_sizes))."""
+    ends = jnp.cumsum(group_sizes)
+    return jnp.searchsorted(ends, jnp.arange(num_rows), side="right").astype(jnp.int32)

@@ -1,0 +1,59 @@
+"""FLOPs accounting for MoE layers (multiply-add = 2 FLOPs, forward pass only).
+
+Expected real experts per token E[K]:
+- null: K * rho (a soft target met on average through the balance loss);
+- topk / switch: K;
+- threshold: data-dependent; the capacity bound min(N, gamma) is reported as the upper bound;
+- expert_choice: the capacity factor c (N experts each take T*c/N tokens).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from moe_jax.config import MoEConfig, null_count_from_rho
+
+
+def ffn_flops_per_token(d_model: int, d_ff: int, activation: str = "swiglu") -> float:
+    """One dense FFN applied to one token: 2*D*F per matrix, 3 matrices for SwiGLU, 2 for GELU."""
+    return 2.0 * d_model * d_ff * (3 if activation == "swiglu" else 2)
+
+
+def router_flops_per_token(cfg: MoEConfig) -> float:
+    return 2.0 * cfg.d_model * cfg.num_router_logits
+
+
+def expected_real_experts(cfg: MoEConfig) -> float:
+    """E[K], the expected number of real experts a token is computed by."""
+    if cfg.router == "null":
+        return cfg.top_k * cfg.density
+    if cfg.router in ("topk", "switch"):
+        return float(cfg.top_k)
+    cf = cfg.capacity_for(train=True)
+    if cfg.router == "threshold":
+        return float(min(cfg.num_experts, cf))
+    return float(min(cfg.num_experts, cf))
+
+
+def moe_flops_per_token(cfg: MoEConfig, real_per_token: float | None = None) -> float:
+    """Router + E[K] (or a measured real_per_token) experts + shared expert, per token."""
+    k = expected_real_experts(cfg) if real_per_token is None else float(real_per_token)
+    total = router_flops_per_token(cfg) + k * ffn_flops_per_token(
+        cfg.d_model, cfg.d_ff, cfg.activation
+    )
+    if cfg.shared_d_ff:
+        total += ffn_flops_per_token(cfg.d_model, cfg.shared_d_ff, cfg.activation)
+    return total
+
+
+def iso_flop_family(expected_k: float, k_max: int, num_experts: int) -> tuple[float, int]:
+    """(rho, M) such that k_max * rho = expected_k: K^{k_max}_rho with M = N(1-rho)/rho.
+
+    Example (N=64, E[K]=2): k_max=2 -> (1.0, 0); 3 -> (2/3, 32); 4 -> (0.5, 64); 8 -> (0.25, 192).
+    """
+    if k_max < 1:
+        raise ValueError(f"k_max={k_max} must be >= 1")
+    if not (0 < expected_k <= k_max):
+        raise ValueError(f"expected_k={expected_k} must lie in (0, k_max={k_max}]")
+    rho = float(Fraction(expected_k).limit_denominator(10_000) / k_max)
+    return rho, null_count_from_rho(num_experts, rho)

@@ -1,0 +1,229 @@
+"""Routers as pure functions: logits in, one `Routing` out.
+
+Every router returns expert ids [T, S] (S slots per token; null, unselected and dropped slots
+carry the sentinel id N, which sorts last) and combine weights [T, S] (0 on those slots), plus
+the unweighted load-balance and z losses and drop counts. Dispatch and the expert backends only
+ever see this structure, so routers and backends are chosen independently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import losses
+
+
+class Routing(NamedTuple):
+    expert_ids: jax.Array  # [T, S] int32, N = null / unselected / dropped
+    weights: jax.Array  # [T, S] combine weights, 0 where expert_ids == N
+    lb_loss: jax.Array  # scalar, unweighted load-balance loss
+    z_loss: jax.Array  # scalar, unweighted router z-loss
+    null_slots: jax.Array  # [T] int32, slots a token gave to null experts
+    dropped: jax.Array  # [T] int32, real assignments a token lost to capacity
+
+
+def _zeros_t(t: int) -> jax.Array:
+    return jnp.zeros((t,), jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Null experts (arXiv 2601.15370), compact N+1 form.
+# ---------------------------------------------------------------------------------------------
+def null_router(
+    logits: jax.Array,
+    *,
+    top_k: int,
+    num_nulls: int,
+    renormalize: bool = True,
+    axis_name=None,
+) -> Routing:
+    """Token choice over N real experts plus M null copies of one learned null logit.
+
+    logits: [T, N+1]; column N is the null logit. Steps:
+      1. softmax over N+M slots == softmax over N+1 logits with log(M) added to the null logit,
+         so the M copies are never materialized.
+      2. top-K over N+M: a token gets r = min(K, #{real logits > null logit}) real experts (the
+         top-r real logits); if M < K at least K-M slots must be real: r >= K-M.
+      3. drop null slots; gates renormalized over the selected real experts. A token with r=0
+         gets all-zero weights (routed output exactly 0; no 0/0).
+    The gates depend on real logits only, so the task loss gives the null logit zero gradient;
+    it learns through the balance and z losses.
+    """
+    t, n_plus_1 = logits.shape
+    n = n_plus_1 - 1
+    real = logits[:, :n]  # [T, N]
+    null = logits[:, n]  # [T]
+    log_m = math.log(num_nulls) if num_nulls > 0 else -jnp.inf
+    null_ex = null + log_m  # [T], total logit of the M copies
+    lse = jax.nn.logsumexp(jnp.concatenate([real, null_ex[:, None]], axis=1), axis=1)  # [T]
+    p_real = jnp.exp(real - lse[:, None])  # [T, N]
+    p_null = jnp.exp(null_ex - lse)  # [T], mass of all M copies together
+
+    n_above = jnp.sum(real > null[:, None], axis=1)  # [T]
+    r = jnp.minimum(top_k, n_above)
+    r = jnp.maximum(r, top_k - num_nulls)  # only M null copies exist
+    top_vals, top_idx = jax.lax.top_k(real, top_k)  # [T, K]
+    keep = jnp.arange(top_k)[None, :] < r[:, None]  # [T, K]
+    expert_ids = jnp.where(keep, top_idx, n).astype(jnp.int32)
+
+    if renormalize:
+        e = jnp.where(keep, jnp.exp(top_vals - top_vals[:, :1]), 0.0)  # [T, K]
+        den = jnp.sum(e, axis=1, keepdims=True)
+        weights = e / jnp.where(den > 0, den, 1.0)
+    else:
+        weights = jnp.where(keep, jnp.take_along_axis(p_real, top_idx, axis=1), 0.0)
+
+    null_slots = (top_k - r).astype(jnp.int32)
+    lb = losses.null_balance_loss(
+        expert_ids, p_real, p_null, num_nulls=num_nulls, null_slots=null_slots, axis_name=axis_name
+    )
+    z = losses.z_loss_from_lse(lse)
+    return Routing(expert_ids, weights, lb, z, null_slots, _zeros_t(t))
+
+
+def explicit_null_probs(logits: jax.Array, num_nulls: int) -> jax.Array:
+    """Reference: the explicit [T, N+M] softmax with the null logit replicated M times."""
+    n = logits.shape[1] - 1
+    full = jnp.concatenate([logits[:, :n], jnp.repeat(logits[:, n:], num_nulls, axis=1)], axis=1)
+    return jax.nn.softmax(full, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity with priority dropping (XMoE; also Switch/GShard-style capped top-k).
+# ---------------------------------------------------------------------------------------------
+def apply_capacity(expert_ids: jax.Array, priority: jax.Array, num_experts: int, capacity: int):
+    """Keep, per expert, the `capacity` selected (token, slot) pairs of highest priority.
+
+    expert_ids: [T, S] with N for unselected slots; priority: [T, S].
+    Returns (kept_ids [T, S], dropped [T] int32). Ties keep the earlier token.
+    """
+    t, s = expert_ids.shape
+    flat_e = expert_ids.reshape(-1)  # [T*S]
+    flat_p = priority.reshape(-1)
+    # Lexicographic sort by (expert asc, priority desc): two stable argsorts.
+    by_p = jnp.argsort(-flat_p, stable=True)
+    order = by_p[jnp.argsort(flat_e[by_p], stable=True)]  # [T*S]
+    sorted_e = flat_e[order]
+    counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat_e].add(1)
+    starts = jnp.cumsum(counts) - counts  # [N+1]
+    pos = jnp.arange(t * s) - starts[sorted_e]  # rank inside its expert
+    keep_sorted = (sorted_e < num_experts) & (pos < capacity)
+    keep = jnp.zeros((t * s,), bool).at[order].set(keep_sorted).reshape(t, s)
+    selected = expert_ids < num_experts
+    dropped = jnp.sum(selected & ~keep, axis=1).astype(jnp.int32)
+    return jnp.where(keep, expert_ids, num_experts), dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k / Switch.
+# ---------------------------------------------------------------------------------------------
+def topk_router(
+    logits: jax.Array,
+    *,
+    top_k: int,
+    renormalize: bool = True,
+    capacity: int | None = None,
+    axis_name=None,
+) -> Routing:
+    """Token choice top-k (Switch when K=1). Optional capacity drops lowest-priority pairs
+    (all first choices before any second choice, higher probability first)."""
+    t, n = logits.shape
+    probs = jax.nn.softmax(logits, axis=1)  # [T, N]
+    top_p, top_idx = jax.lax.top_k(probs, top_k)  # [T, K]
+    expert_ids = top_idx.astype(jnp.int32)
+    dropped = _zeros_t(t)
+    if capacity is not None:
+        priority = (top_k - jnp.arange(top_k))[None, :] + top_p
+        expert_ids, dropped = apply_capacity(expert_ids, priority, n, capacity)
+    real = expert_ids < n
+    if renormalize:
+        w = top_p / jnp.sum(top_p, axis=1, keepdims=True)
+    else:
+        w = top_p
+    weights = jnp.where(real, w, 0.0)
+    lb = losses.switch_balance_loss(top_idx, probs, axis_name=axis_name)
+    z = losses.z_loss(logits)
+    return Routing(expert_ids, weights, lb, z, _zeros_t(t), dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# XMoE threshold router.
+# ---------------------------------------------------------------------------------------------
+def threshold_router(
+    logits: jax.Array, *, threshold: float, capacity: int, axis_name=None
+) -> Routing:
+    """XMoE: keep experts in descending probability until the cumulative mass passes t.
+
+    1. p = softmax(logits) in fp32; sort descending.
+    2. keep rank j iff the mass ranked above it is < t (so the top expert is always kept, and
+       so is the one that crosses t).
+    3. capacity C per expert; priority (R - rank + 1) + p with R the most experts any token
+       picked, so every first choice beats every second choice; each expert keeps its top-C.
+    4. combine with the raw probabilities (no renormalization); Switch loss on top-1 choices.
+    Returns S = N slots per token.
+    """
+    t, n = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # [T, N]
+    sp, si = jax.lax.top_k(probs, n)  # [T, N] sorted descending
+    mass_above = jnp.cumsum(sp, axis=1) - sp
+    selected = mass_above < threshold  # [T, N]
+    n_sel = jnp.sum(selected, axis=1)
+    most = jnp.max(n_sel)  # R
+    rank = jnp.arange(1, n + 1)[None, :]
+    priority = (most - rank + 1).astype(jnp.float32) + sp
+    ids = jnp.where(selected, si, n).astype(jnp.int32)
+    ids, dropped = apply_capacity(ids, priority, n, capacity)
+    weights = jnp.where(ids < n, sp, 0.0)
+    lb = losses.switch_balance_loss(si[:, :1], probs, axis_name=axis_name)
+    z = losses.z_loss(logits)
+    return Routing(ids, weights, lb, z, _zeros_t(t), dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert choice (non-causal).
+# ---------------------------------------------------------------------------------------------
+def expert_choice_router(logits: jax.Array, *, capacity: int) -> Routing:
+    """Each expert takes its top-`capacity` tokens by probability. Balanced by construction,
+    but a token's routing depends on every other token in the batch, future ones included."""
+    t, n = logits.shape
+    probs = jax.nn.softmax(logits, axis=1)  # [T, N]
+    _, tok = jax.lax.top_k(probs.T, capacity)  # [N, C]
+    chosen = jnp.zeros((n, t), bool).at[jnp.arange(n)[:, None], tok].set(True)  # [N, T]
+    ids = jnp.where(chosen.T, jnp.arange(n)[None, :], n).astype(jnp.int32)  # [T, N]
+    weights = jnp.where(chosen.T, probs, 0.0)
+    z = losses.z_loss(logits)
+    return Routing(ids, weights, jnp.zeros((), jnp.float32), z, _zeros_t(t), _zeros_t(t))
+
+
+def route(logits: jax.Array, cfg, *, train: bool = True, axis_name=None) -> Routing:
+    """Dispatch to the router named by cfg.router (cfg: MoEConfig). logits: [T, N(+1)]."""
+    t = logits.shape[0]
+    logits = logits.astype(jnp.dtype(cfg.router_dtype))
+    if cfg.router == "null":
+        return null_router(
+            logits,
+            top_k=cfg.top_k,
+            num_nulls=cfg.num_nulls,
+            renormalize=cfg.renormalize,
+            axis_name=axis_name,
+        )
+    if cfg.router in ("topk", "switch"):
+        return topk_router(
+            logits,
+            top_k=cfg.top_k,
+            renormalize=cfg.renormalize and cfg.router == "topk",
+            capacity=cfg.expert_capacity(t, train=train),
+            axis_name=axis_name,
+        )
+    if cfg.router == "threshold":
+        return threshold_router(
+            logits,
+            threshold=cfg.threshold_for(train=train),
+            capacity=cfg.expert_capacity(t, train=train),
+            axis_name=axis_name,
+        )
+    return expert_choice_router(logits, capacity=cfg.expert_capacity(t, train=train))
