@@ -1,0 +1,177 @@
+"""Training configs: a vision-language decoder with MoE layers on the procedural shapes data.
+
+get_config(arg) takes a comma-separated list: one variant and optional modifiers.
+
+Variants (all share D, layers, data and the expert width F, so FLOPs compare directly):
+  default     K^4_0.5: null router, N=8 real experts, K=4 slots, rho=0.5 (M=8), E[K]=2
+  k2_rho1     K^2_1.0: null router with rho=1 (no null copies), E[K]=2
+  k4_rho05    K^4_0.5 (same as default), E[K]=2
+  k8_rho025   K^8_0.25: M=24 null copies, E[K]=2
+  topk        top-2 token choice, renormalized gates, Switch-style balance loss
+  switch      Switch top-1
+  xmoe        XMoE threshold router t=0.9 over 32 small experts (F/4 each), gamma=8, GELU+bias
+  dense       no MoE: every FFN has hidden 2F, the active FLOPs of E[K]=2 experts of width F
+  lm          text-only LM on the scene captions (no images), K^4_0.5 MoE
+Modifiers:
+  smoke       shrinks model, data and steps so a run takes seconds (tests)
+
+Launch:
+  python train.py                                         # default, ./workdir/default
+  python train.py --config=configs/default.py:k8_rho025 --workdir=/tmp/k8
+  python train.py --config=configs/default.py:smoke --workdir=/tmp/smoke
+  python train.py --config=configs/default.py:k8_rho025,smoke
+  python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
+  tensorboard --logdir=./workdir
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+VARIANTS = (
+    "default",
+    "k2_rho1",
+    "k4_rho05",
+    "k8_rho025",
+    "topk",
+    "switch",
+    "xmoe",
+    "dense",
+    "lm",
+)
+MODIFIERS = ("smoke",)
+
+
+def _parse(arg: str | None) -> tuple[str, set[str]]:
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    mods = {p for p in parts if p in MODIFIERS}
+    rest = [p for p in parts if p not in MODIFIERS]
+    if len(rest) > 1 or (rest and rest[0] not in VARIANTS):
+        raise ValueError(
+            f"config arg {arg!r} is invalid: expected one variant of {VARIANTS} "
+            f"plus optional modifiers {MODIFIERS}, comma-separated"
+        )
+    return (rest[0] if rest else "default"), mods
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, mods = _parse(arg)
+    c = ml_collections.ConfigDict()
+    c.name = ",".join([variant, *sorted(mods)])  # run name; default workdir is ./workdir/<name>
+    c.seed = 0  # parameter init and data shuffle seed
+    c.num_steps = 500  # optimizer steps in the run
+    c.fail_at_step = -1  # debug: poison the loss with NaN at this step (-1 = never; tests)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.d_model = 128  # D: model width
+    m.n_layers = 4  # decoder blocks
+    m.n_heads = 4  # attention heads
+    m.n_kv_heads = 2  # key/value heads (grouped-query attention); divides n_heads
+    m.d_ff = 256  # hidden width of dense FFNs (2x the expert width: E[K]=2 active FLOPs)
+    m.moe_every = 1  # every n-th block's FFN is an MoE layer (0 or model without moe: none)
+    m.mode = "vlm"  # vlm: image patch prefix + text | lm: text only
+    m.vision_encoder = "linear"  # patch encoder in front of the decoder (see model.py)
+    m.tie_embeddings = True  # share the input embedding with the output projection
+    m.remat = False  # rematerialize blocks in the backward pass (saves memory)
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"  # parameter dtype
+    m.rope_theta = 10_000.0  # rotary embedding base
+
+    c.moe = e = ml_collections.ConfigDict()
+    e.enabled = True  # False: dense FFN everywhere (the dense variant)
+    e.router = "null"  # null | topk | switch | threshold | expert_choice
+    e.num_experts = 8  # N: real experts per MoE layer
+    e.top_k = 4  # K: slots picked per token (k_max for the null router)
+    e.rho = 0.5  # null router density N/(N+M); E[K] = top_k * rho
+    e.d_ff = 128  # F: hidden width of each expert
+    e.activation = "swiglu"  # swiglu | gelu
+    e.expert_bias = False  # biases in the expert FFNs
+    e.shared_d_ff = 0  # hidden width of an always-on shared expert (0 = none)
+    e.threshold = 0.9  # t for the threshold router
+    e.capacity_factor = placeholder(float)  # XMoE gamma / expert-choice c; None = default
+    e.renormalize = True  # renormalize gates over the selected real experts (null/topk)
+    e.lb_coef = placeholder(float)  # balance loss coefficient; None = router default
+    e.z_coef = 1e-3  # router z-loss coefficient
+    e.backend = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
+    e.router_dtype = "float32"  # router logits/softmax dtype
+
+    c.data = d = ml_collections.ConfigDict()
+    d.kind = "shapes"  # shapes | shapes_text | manifest | text
+    d.image_size = 32  # pixels per image side
+    d.patch_size = 4  # pixels per patch side: (32/4)^2 = 64 vision tokens
+    d.text_len = 24  # text tokens per row
+    d.batch_size = 32  # global batch
+    d.n_eval = 256  # held-out records for the eval loop
+    d.max_shapes = 3  # shapes per scene (1..5)
+    d.num_workers = 0  # grain worker processes (0 = main process)
+    d.paths = ()  # manifest / text files for the file kinds
+
+    c.opt = o = ml_collections.ConfigDict()
+    o.lr = 3e-3  # peak learning rate
+    o.schedule = "cosine"  # cosine (warmup-cosine) | wsd (warmup-stable-decay) | constant
+    o.warmup_steps = 50  # linear warmup from 0
+    o.decay_fraction = 0.2  # wsd: share of num_steps spent in the final linear decay
+    o.min_lr_ratio = 0.1  # final lr = min_lr_ratio * lr
+    o.weight_decay = 0.05  # AdamW decoupled weight decay (not on norms / biases)
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.95  # Adam beta2
+    o.eps = 1e-8  # Adam epsilon
+    o.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    o.grad_accum = 1  # micro-batches per step; divides data.batch_size
+
+    c.ckpt = k = ml_collections.ConfigDict()
+    k.every_steps = 100  # save a checkpoint every n steps (and at the end)
+    k.keep = 3  # keep the last n checkpoints
+    k.async_save = True  # write checkpoints in a background thread
+    k.resume = True  # resume from the latest complete checkpoint in the workdir
+
+    c.log = g = ml_collections.ConfigDict()
+    g.every_steps = 10  # metrics to JSONL / TensorBoard every n steps
+    g.eval_every = 250  # run the held-out eval every n steps (0 = end only)
+    g.eval_batches = 4  # batches per eval (0 = the whole held-out split)
+    g.tensorboard = True  # also write TensorBoard scalars
+    g.progress = True  # tqdm progress bar with loss and tokens/s
+    g.plots = True  # PNG plots in the workdir at the end
+    g.heatmap_images = 4  # held-out images in the routing heatmap
+
+    _apply_variant(c, variant)
+    if "smoke" in mods:
+        _apply_smoke(c)
+    return c
+
+
+def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+    e = c.moe
+    if variant == "k2_rho1":
+        e.top_k, e.rho = 2, 1.0
+    elif variant == "k8_rho025":
+        e.top_k, e.rho = 8, 0.25
+    elif variant == "topk":
+        e.router, e.top_k, e.rho = "topk", 2, None
+    elif variant == "switch":
+        e.router, e.top_k, e.rho = "switch", 1, None
+    elif variant == "xmoe":
+        e.router, e.top_k, e.rho = "threshold", 1, None
+        e.num_experts, e.d_ff = 32, 32  # 32 small experts of width F/4
+        e.threshold, e.capacity_factor = 0.9, 8.0
+        e.activation, e.expert_bias = "gelu", True
+    elif variant == "dense":
+        e.enabled = False
+    elif variant == "lm":
+        c.model.mode = "lm"
+        c.data.kind = "shapes_text"
+
+
+def _apply_smoke(c: ml_collections.ConfigDict) -> None:
+    c.num_steps = 30
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 2, 1
+    c.model.d_ff = 64
+    c.moe.d_ff = 32 if c.moe.router != "threshold" else 8
+    c.moe.num_experts = 4 if c.moe.router != "threshold" else 8
+    c.data.image_size, c.data.patch_size, c.data.text_len = 16, 4, 16
+    c.data.batch_size, c.data.n_eval, c.data.max_shapes = 8, 16, 1
+    c.opt.lr, c.opt.warmup_steps = 1e-2, 5
+    c.ckpt.every_steps, c.ckpt.keep = 10, 2
+    c.log.every_steps, c.log.eval_every, c.log.eval_batches = 1, 0, 2
+    c.log.heatmap_images = 2

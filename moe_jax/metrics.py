@@ -1,0 +1,179 @@
+"""Training metrics: flattening of routing statistics, JSONL + TensorBoard writers, progress bar.
+
+Metric names (JSONL keys; TensorBoard tags are the same with lists expanded per index):
+  loss, aux_loss, lr, grad_norm, tokens_per_s, eval/loss
+  lb_loss, z_loss, null_ratio, real_per_token, zero_compute_fraction, drop_fraction
+      means over MoE layers; the same per layer as "<name>/layer<i>"
+  null_ratio/<modality>, real_per_token/<modality>, compute_share/<modality>
+      per modality (vision, text), means over layers; per layer as ".../layer<i>"
+  expert_load/layer<i>      [N] share of real assignments per expert
+  flops_per_token/expected  MoE-layer forward FLOPs per token at the router's E[K], summed over
+                            MoE layers; flops_per_token/realized uses the measured experts/token
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from moe_jax import flops
+from moe_jax.config import MoEConfig
+
+MODALITIES = ("vision", "text")
+_LAYER_SCALARS = (
+    "lb_loss",
+    "z_loss",
+    "null_ratio",
+    "real_per_token",
+    "zero_compute_fraction",
+    "drop_fraction",
+)
+_MODALITY_STATS = {
+    "null_ratio_by_modality": "null_ratio",
+    "real_per_token_by_modality": "real_per_token",
+    "compute_share_by_modality": "compute_share",
+}
+
+
+def flatten_routing(
+    moe_aux: Sequence[Mapping[str, np.ndarray]], moe_cfg: MoEConfig | None
+) -> dict[str, float | list[float]]:
+    """Per-layer MoE aux dicts (host numpy) -> flat metric dict (see the module docstring).
+
+    Per-modality means skip layers where a modality has no tokens (text-only runs).
+    """
+    out: dict[str, float | list[float]] = {}
+    if not moe_aux:
+        return out
+    for name in _LAYER_SCALARS:
+        vals = [float(a[name]) for a in moe_aux if name in a]
+        if not vals:
+            continue
+        out[name] = float(np.mean(vals))
+        for i, v in enumerate(vals):
+            out[f"{name}/layer{i}"] = v
+    for i, a in enumerate(moe_aux):
+        if "expert_load" in a:
+            out[f"expert_load/layer{i}"] = [float(x) for x in np.asarray(a["expert_load"])]
+    if "modality_tokens" in moe_aux[0]:
+        present = np.asarray(moe_aux[0]["modality_tokens"]) > 0
+        for key, short in _MODALITY_STATS.items():
+            per_layer = np.stack([np.asarray(a[key], np.float64) for a in moe_aux])  # [layers, 2]
+            for m, mod in enumerate(MODALITIES[: per_layer.shape[1]]):
+                if not present[m]:
+                    continue
+                out[f"{short}/{mod}"] = float(per_layer[:, m].mean())
+                for i in range(per_layer.shape[0]):
+                    out[f"{short}/{mod}/layer{i}"] = float(per_layer[i, m])
+    if moe_cfg is not None:
+        realized = [float(a["real_per_token"]) for a in moe_aux]
+        out["flops_per_token/expected"] = len(moe_aux) * flops.moe_flops_per_token(moe_cfg)
+        out["flops_per_token/realized"] = sum(
+            flops.moe_flops_per_token(moe_cfg, r) for r in realized
+        )
+    return out
+
+
+def to_host(tree):
+    """Device arrays -> Python floats / lists (one transfer per leaf)."""
+    import jax
+
+    def conv(x):
+        x = np.asarray(x)
+        return float(x) if x.ndim == 0 else x.astype(np.float64).tolist()
+
+    return jax.tree.map(conv, jax.device_get(tree))
+
+
+class MetricWriter:
+    """Appends one JSON object per call to ``<workdir>/metrics.jsonl``; mirrors to TensorBoard."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, filename)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: Mapping[str, float | list[float]]) -> None:
+        row = {"step": int(step), **metrics}
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for tag, v in metrics.items():
+                if isinstance(v, list | tuple):
+                    for j, x in enumerate(v):
+                        self._tb.add_scalar(f"{tag}/{j}", x, step)
+                elif isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(tag, v, step)
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All rows of a metrics file; a torn last line (killed writer) is ignored."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def last_rows_by_step(rows: list[dict]) -> list[dict]:
+    """Train rows deduplicated by step (a resumed run rewrites steps after its checkpoint)."""
+    by_step = {}
+    for r in rows:
+        if "loss" in r:
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class Progress:
+    """A tqdm bar over steps showing loss and tokens/s; prints plain lines when disabled."""
+
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, every: int = 10):
+        self.every = every
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self._last = initial
+        self._t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._last)
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        elif step % self.every == 0:
+            print(f"step {step}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", flush=True)
+        self._last = step
+
+    def write(self, msg: str) -> None:
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,118 @@
+"""PNG plots written to the workdir at the end of training (matplotlib, Agg backend).
+
+loss.png            train loss (and eval loss) over steps
+null_ratio.png      realized null ratio per modality over training, with the target 1 - rho
+routing_heatmap.png held-out images next to a map of real experts per patch (mean over layers)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moe_jax import routing  # noqa: E402
+
+
+def plot_losses(rows: list[dict], path: str) -> str:
+    """Train loss (and eval/loss where present) against step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    ev = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_null_ratio(rows: list[dict], path: str, *, rho: float | None = None) -> str:
+    """Null ratio per modality (and overall) over training; dashed line at the target 1 - rho."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("null_ratio/vision", "vision tokens"),
+        ("null_ratio/text", "text tokens"),
+        ("null_ratio", "all tokens"),
+    ):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, lw=1)
+    if rho is not None:
+        ax.axhline(1.0 - rho, color="k", ls="--", lw=1, label=f"target 1-rho = {1 - rho:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of picked slots that are null")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_routing_heatmap(
+    images: np.ndarray, real_per_patch: np.ndarray, path: str, *, vmax: float | None = None
+) -> str:
+    """Images [n, H, W, C] in one row, their real-experts-per-patch maps [n, h, w] below."""
+    n = images.shape[0]
+    vmax = float(real_per_patch.max()) if vmax is None else vmax
+    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5), squeeze=False)
+    im = None
+    for i in range(n):
+        axes[0, i].imshow(np.clip(images[i], 0, 1), interpolation="nearest")
+        im = axes[1, i].imshow(real_per_patch[i], cmap="viridis", vmin=0, vmax=vmax)
+        m = real_per_patch[i].mean()
+        axes[1, i].set_title(f"mean {m:.2f}", fontsize=9)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("real experts / patch")
+    fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8)
+    return _save(fig, path)
+
+
+@contextlib.contextmanager
+def record_routing():
+    """Records the expert ids [T, K] of every routing call made inside the context.
+
+    MoE layers route through ``routing.route``; wrapping it sees every layer without any hook
+    in the model. Use with an eager (un-jitted) forward pass: the ids are concrete arrays.
+    """
+    calls: list = []
+    original = routing.route
+
+    def recording(logits, cfg, *args, **kw):
+        r = original(logits, cfg, *args, **kw)
+        calls.append((np.asarray(r.expert_ids), cfg.num_experts))
+        return r
+
+    routing.route = recording
+    try:
+        yield calls
+    finally:
+        routing.route = original
+
+
+def real_experts_per_token(model, tokens, images) -> np.ndarray | None:
+    """[B, P+L] real experts per token, averaged over MoE layers (eager eval forward)."""
+    with record_routing() as calls:
+        model(tokens, images, deterministic=True)
+    if not calls:
+        return None
+    b = tokens.shape[0]
+    per_layer = [(ids < n).sum(-1).reshape(b, -1) for ids, n in calls]  # [B, P+L] each
+    return np.mean(np.stack(per_layer), axis=0)
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
