@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch
+from moe_jax import dispatch, gmm_xla
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 _BACKENDS: dict[str, GroupedMatmul] = {}
@@ -45,15 +45,15 @@ def ragged_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 register_backend("dense", dense_gmm)
 register_backend("ragged", ragged_gmm)
+# Tiled XLA loop over active row tiles: cost follows sum(group_sizes) on any platform.
+register_backend("tiled", gmm_xla.gmm)
 
 
 def _load_optional(name: str) -> None:
     """Import the module that registers an optional backend."""
     if name in _BACKENDS:
         return
-    if name == "tiled":
-        from moe_jax import gmm_xla  # noqa: F401  (registers "tiled")
-    elif name == "pallas":
+    if name == "pallas":
         from moe_jax import pallas_backend  # noqa: F401  (registers "pallas")
 
 
@@ -62,7 +62,9 @@ def resolve_backend(name: str) -> str:
     if name != "auto":
         return name
     platform = jax.default_backend()
-    candidates = ("pallas", "ragged") if platform in ("tpu", "gpu") else ("tiled", "ragged")
+    # Without the Pallas kernel (CPU, or a GPU/TPU build lacking it) the tiled XLA loop is the
+    # fast path; ragged_dot computes densely there.
+    candidates = ("pallas", "tiled") if platform in ("tpu", "gpu") else ("tiled",)
     for cand in candidates:
         try:
             _load_optional(cand)
