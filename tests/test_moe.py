@@ -38,7 +38,7 @@ def loss_and_grads(layer, x, which="task"):
             return jnp.sum(y.astype(jnp.float32) * w)
         return aux[which]
 
-    return jax.value_and_grad(f, argnums=(0, 1))(params, x)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
 
 def test_null_logit_gets_zero_task_gradient_but_learns_from_aux():
