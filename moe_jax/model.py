@@ -1,0 +1,398 @@
+"""Decoder-only transformer with MoE layers: vision-language ("vlm") and text-only ("lm") modes.
+
+Layout of one sequence in vlm mode: P = (image_size / patch_size)^2 patch tokens from the
+vision encoder, then the L text tokens; the decoder is causal over all P + L positions (RoPE
+positions 0 .. P+L-1), and every token carries a modality id (0 = vision, 1 = text) that the
+MoE layers use for per-modality routing statistics. Logits are returned for text positions only.
+
+Blocks are pre-norm: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where FFN is a dense SwiGLU
+or the MoE layer. MoE placement: with moe_every = n > 0, block i (0-based) is an MoE block iff
+(i + 1) % n == 0, i.e. the n-th, 2n-th, ... block counting from the first (n = 1: every block;
+n = 2: blocks 1, 3, 5, ...). moe_every = 0 (or moe = None) gives a dense model.
+
+Dtypes: parameters in param_dtype (fp32), matmuls in dtype (fp32 or bf16), attention softmax,
+router and logits in fp32. The MoE layer's dtype/param_dtype are taken from this config.
+
+Decoding (functional KV cache; see generate):
+    cache = model.init_cache(B, max_total_len)            # max_total_len counts the P patches
+    logits, cache = model.prefill(prompt, images, cache)  # logits [B, L0, V]
+    logits, cache = model.decode_step(tok[:, None], cache, pos)  # pos = P + index of tok
+At decode the MoE layers route each call's tokens on their own (per-token for token-choice
+routers), in eval mode (deterministic=True), so cached logits equal the full forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import MoEConfig
+from moe_jax.layers import Attention, VisionEncoder, small_init
+from moe_jax.moe import FFN, MoE
+from moe_jax.summary import format_summary, model_summary  # noqa: F401  (re-exported)
+
+MODES = ("vlm", "lm")
+ENCODERS = ("mlp", "vit")
+DTYPES = ("float32", "bfloat16")
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The transformer; validated on construction (errors name the field)."""
+
+    vocab_size: int = 256  # V
+    d_model: int = 128  # D
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 4  # H query heads; head_dim = d_model / n_heads (even, for RoPE)
+    n_kv_heads: int | None = None  # key/value heads (GQA); None = n_heads; divides n_heads
+    d_ff: int = 512  # hidden width of the dense SwiGLU FFN (dense blocks, vit encoder)
+    moe: MoEConfig | None = None  # MoE layer config (moe.d_model must equal d_model)
+    moe_every: int = 1  # block i is MoE iff (i+1) % moe_every == 0; 0 = dense only
+    mode: str = "vlm"  # vlm (patch prefix + text) | lm (text only)
+    image_size: int = 32  # square images, pixels per side (vlm)
+    patch_size: int = 4  # pixels per patch side; divides image_size (vlm)
+    channels: int = 3  # image channels (vlm)
+    max_len: int = 64  # longest text sequence L
+    tie_embeddings: bool = True  # logits = x @ embedding^T
+    remat: bool = False  # rematerialize each block in the backward pass
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # parameter dtype
+    rope_theta: float = 10_000.0  # RoPE base
+    vision_encoder: str = "mlp"  # mlp | vit
+    vision_layers: int = 1  # bidirectional blocks in the vit encoder
+    allow_noncausal_moe: bool = False  # accept expert_choice MoE in the causal decoder
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "channels"):
+            _check(_pos_int(getattr(self, name)), name, getattr(self, name), "an integer >= 1")
+        for name in ("image_size", "patch_size", "max_len", "vision_layers"):
+            _check(_pos_int(getattr(self, name)), name, getattr(self, name), "an integer >= 1")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _check(
+            _pos_int(self.n_kv_heads) and self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"an integer >= 1 dividing n_heads={self.n_heads}",
+        )
+        _check(
+            self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
+            "n_heads",
+            self.n_heads,
+            f"must divide d_model={self.d_model} into an even head_dim (RoPE)",
+        )
+        _check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
+        _check(
+            self.vision_encoder in ENCODERS, "vision_encoder", self.vision_encoder, str(ENCODERS)
+        )
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(
+            self.image_size % self.patch_size == 0,
+            "patch_size",
+            self.patch_size,
+            f"must divide image_size={self.image_size}",
+        )
+        _check(
+            isinstance(self.moe_every, int) and self.moe_every >= 0,
+            "moe_every",
+            self.moe_every,
+            "an integer >= 0 (0 = dense only)",
+        )
+        if self.moe is not None and self.moe_every > 0:
+            _check(isinstance(self.moe, MoEConfig), "moe", self.moe, "a MoEConfig or None")
+            _check(
+                self.moe_every <= self.n_layers,
+                "moe_every",
+                self.moe_every,
+                f"must be <= n_layers={self.n_layers} (else no block is MoE)",
+            )
+            _check(
+                self.moe.d_model == self.d_model,
+                "moe",
+                f"MoEConfig(d_model={self.moe.d_model})",
+                f"moe.d_model must equal d_model={self.d_model}",
+            )
+            _check(
+                self.moe.router != "expert_choice" or self.allow_noncausal_moe,
+                "allow_noncausal_moe",
+                self.allow_noncausal_moe,
+                "moe.router='expert_choice' picks tokens across the whole sequence, so a "
+                "decoder position would see future tokens; set allow_noncausal_moe=True to "
+                "accept the leak (training and decoding then differ)",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def num_patches(self) -> int:
+        """P: vision tokens per sequence (0 in lm mode)."""
+        return (self.image_size // self.patch_size) ** 2 if self.mode == "vlm" else 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        if self.moe is None or self.moe_every == 0:
+            return ()
+        return tuple(i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)
+
+    @property
+    def layer_moe_config(self) -> MoEConfig | None:
+        """The MoE config as the decoder uses it (dtypes from this config, causal)."""
+        if not self.moe_layers:
+            return None
+        causal = not (self.moe.router == "expert_choice")
+        return self.moe.replace(
+            dtype=self.dtype, param_dtype=self.param_dtype, causal=causal, allow_noncausal=True
+        )
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: causal attention, then a dense SwiGLU FFN or the MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, use_moe: bool, *, rngs: nnx.Rngs):
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.use_moe = use_moe
+        self.attn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, rope_theta=cfg.rope_theta, **kw
+        )
+        self.ffn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        if use_moe:
+            self.ffn = MoE(cfg.layer_moe_config, rngs=rngs)
+        else:
+            self.ffn = FFN(cfg.d_model, cfg.d_ff, **kw)
+
+    def __call__(self, x, modality, positions, deterministic, cache=None, cache_pos=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache=cache, cache_pos=cache_pos)
+        x = x + h
+        h = self.ffn_norm(x)
+        if self.use_moe:
+            h, aux = self.ffn(h, modality, deterministic=deterministic)
+        else:
+            h, aux = self.ffn(h), None
+        return x + h.astype(x.dtype), aux, cache
+
+
+def _block_fwd(block: Block, x, modality, positions, deterministic: bool):
+    y, aux, _ = block(x, modality, positions, deterministic)
+    return y, aux
+
+
+_block_remat = nnx.remat(_block_fwd, static_argnums=(4,))
+
+
+class Transformer(nnx.Module):
+    """``logits, aux = model(tokens [B, L], images [B, H, W, C] | None, deterministic=False)``.
+
+    logits [B, L, V] fp32 for the text positions (logits[:, i] predicts tokens[:, i+1]);
+    aux = {"aux_loss": sum of the MoE layers' weighted aux losses, "moe": [per-layer aux dict],
+    "modality": [B, P+L] int32 (0 vision, 1 text)}.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        cdt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cdt,
+            param_dtype=pdt,
+            embedding_init=small_init(),
+            rngs=rngs,
+        )
+        self.vision = (
+            VisionEncoder(
+                cfg.vision_encoder,
+                patch_size=cfg.patch_size,
+                channels=cfg.channels,
+                num_patches=cfg.num_patches,
+                d_model=cfg.d_model,
+                n_heads=cfg.n_heads,
+                d_ff=cfg.d_ff,
+                layers=cfg.vision_layers,
+                rope_theta=cfg.rope_theta,
+                rngs=rngs,
+                dtype=cdt,
+                param_dtype=pdt,
+            )
+            if cfg.mode == "vlm"
+            else None
+        )
+        moe_layers = set(cfg.moe_layers)
+        self.blocks = nnx.List(
+            [Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.n_layers)]
+        )
+        self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cdt, param_dtype=pdt, rngs=rngs)
+        self.head = (
+            nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cdt,
+                param_dtype=pdt,
+                kernel_init=small_init(),
+                rngs=rngs,
+            )
+            if not cfg.tie_embeddings
+            else None
+        )
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _inputs(self, tokens: jax.Array, images: jax.Array | None):
+        """Token (and patch) embeddings [B, P+L, D] and modality ids [B, P+L]."""
+        cfg = self.cfg
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens must be an int array [B, L], got {tokens.dtype}{tokens.shape}"
+            )
+        b, n = tokens.shape
+        x = self.embed(tokens)  # [B, L, D]
+        modality = jnp.ones((b, n), jnp.int32)
+        if cfg.mode == "lm":
+            if images is not None:
+                raise ValueError("images given but ModelConfig.mode='lm' (text only)")
+            return x, modality
+        want = (b, cfg.image_size, cfg.image_size, cfg.channels)
+        if images is None or tuple(images.shape) != want:
+            got = None if images is None else tuple(images.shape)
+            raise ValueError(f"mode='vlm' needs images of shape {want} (B, H, W, C), got {got}")
+        v = self.vision(images.astype(x.dtype)).astype(x.dtype)  # [B, P, D]
+        x = jnp.concatenate([v, x], axis=1)  # [B, P+L, D]
+        modality = jnp.concatenate([jnp.zeros((b, cfg.num_patches), jnp.int32), modality], axis=1)
+        return x, modality
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)  # [B, L, V]
+        return logits.astype(jnp.float32)
+
+    def _run(self, x, modality, positions, deterministic, cache=None, cache_pos=None):
+        moe_aux, new_cache = [], []
+        for i, blk in enumerate(self.blocks):
+            if cache is None and self.cfg.remat:
+                x, aux = _block_remat(blk, x, modality, positions, deterministic)
+            else:
+                layer_cache = None if cache is None else cache[i]
+                x, aux, layer_cache = blk(
+                    x, modality, positions, deterministic, layer_cache, cache_pos
+                )
+                new_cache.append(layer_cache)
+            if aux is not None:
+                moe_aux.append(aux)
+        return x, moe_aux, (new_cache if cache is not None else None)
+
+    @staticmethod
+    def _aux(moe_aux, modality):
+        total = sum((a["aux_loss"] for a in moe_aux), jnp.zeros((), jnp.float32))
+        return {"aux_loss": total, "moe": moe_aux, "modality": modality}
+
+    def _check_len(self, n: int):
+        if n > self.cfg.max_len:
+            raise ValueError(f"text length {n} exceeds ModelConfig.max_len={self.cfg.max_len}")
+
+    # ---- public API --------------------------------------------------------------------------
+    def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *, deterministic=False):
+        self._check_len(tokens.shape[1])
+        x, modality = self._inputs(tokens, images)
+        positions = jnp.arange(x.shape[1])
+        x, moe_aux, _ = self._run(x, modality, positions, deterministic)
+        logits = self._logits(x[:, self.cfg.num_patches :])
+        return logits, self._aux(moe_aux, modality)
+
+    def init_cache(self, batch_size: int, max_total_len: int) -> list[dict]:
+        """Empty KV cache, one {"k", "v"} [B, S_max, Hkv, Dh] per block (S_max counts patches)."""
+        cfg = self.cfg
+        shape = (batch_size, max_total_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return [{"k": zeros(), "v": zeros()} for _ in range(cfg.n_layers)]
+
+    def prefill(self, tokens: jax.Array, images: jax.Array | None, cache: list[dict]):
+        """Run the prompt (patches + tokens) at positions 0.. and fill the cache.
+        Returns (text logits [B, L, V], cache)."""
+        x, modality = self._inputs(tokens, images)
+        positions = jnp.arange(x.shape[1])
+        x, _, cache = self._run(x, modality, positions, True, cache, 0)
+        return self._logits(x[:, self.cfg.num_patches :]), cache
+
+    def decode_step(self, tokens: jax.Array, cache: list[dict], pos):
+        """One text token per row at absolute position pos (P + text index; may be traced).
+        tokens [B, 1] -> (logits [B, 1, V], new cache)."""
+        x = self.embed(tokens)  # [B, 1, D]
+        modality = jnp.ones(tokens.shape, jnp.int32)
+        positions = pos + jnp.arange(tokens.shape[1])
+        x, _, cache = self._run(x, modality, positions, True, cache, pos)
+        return self._logits(x), cache
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Mean fp32 cross-entropy of logits [B, L, V] against targets [B, L] where mask [B, L].
+    Returns (mean loss, number of counted targets)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    count = jnp.sum(m)
+    return jnp.sum(nll * m) / jnp.maximum(count, 1.0), count
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+    """logits[:, i] predicts tokens[:, i+1]; loss_mask[:, i+1] says whether that target counts.
+    Returns (mean loss over counted targets, number of targets)."""
+    return cross_entropy(logits[:, :-1], tokens[:, 1:], loss_mask[:, 1:])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _generate(graphdef, state, images, prompt, max_new_tokens, eos_id):
+    model = nnx.merge(graphdef, state)
+    b, n = prompt.shape
+    start = model.cfg.num_patches + n
+    cache = model.init_cache(b, start + max_new_tokens)
+    logits, cache = model.prefill(prompt, images, cache)
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
+
+    def body(i, carry):
+        out, tok, done, cache = carry
+        out = out.at[:, i].set(jnp.where(done, 0, tok))
+        if eos_id is not None:
+            done = done | (tok == eos_id)
+        logits, cache = model.decode_step(tok[:, None], cache, start + i)
+        return out, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), done, cache
+
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    out, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (out, tok, done, cache))
+    return out
+
+
+def generate(
+    model: Transformer,
+    images: jax.Array | None,
+    prompt_tokens: jax.Array,
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+) -> jax.Array:
+    """Greedy decoding with the KV cache. prompt_tokens [B, L0] (rows share L0; no padding).
+    Returns the new tokens [B, max_new_tokens]; after eos_id a row emits 0 (pad)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, images, prompt_tokens, max_new_tokens, eos_id)
