@@ -11,7 +11,10 @@ Contract shared by every backend (and by reference.py):
   row (rows of other shards' groups, rows past the sum). So a psum over shards assembles the
   full result and no NaN or garbage can reach a later reduction.
 - tgmm: out[g] = lhs[rows of g].T @ grad[rows of g] for each local group; empty groups give 0.
-- Accumulation is f32; the output dtype is preferred_element_type (default: the input dtype).
+- Inputs of different float dtypes are promoted to a common one (cast params to bf16 first for
+  bf16 compute). Accumulation is f32; the output dtype is preferred_element_type (default: the
+  compute dtype).
+- Inside jax.shard_map, interpret-mode kernels need check_vma=False.
 
 Gradients: for out = gmm(lhs, rhs), d_lhs = gmm(d_out, rhs, transpose_rhs=True) and
 d_rhs = tgmm(lhs, d_out); for out = tgmm(lhs, grad), d_lhs = gmm(grad, d_out, transpose_rhs=True)
@@ -116,7 +119,7 @@ def _gmm(cfg: _Cfg, transpose_rhs: bool, lhs, rhs, group_sizes, group_offset):
 
 
 def _gmm_fwd(cfg, transpose_rhs, lhs, rhs, group_sizes, group_offset):
-    out = _run_gmm(cfg, lhs, rhs, group_sizes, group_offset, transpose_rhs)
+    out = _gmm(cfg, transpose_rhs, lhs, rhs, group_sizes, group_offset)
     return out, (lhs, rhs, group_sizes, group_offset)
 
 
@@ -145,7 +148,7 @@ def _tgmm(cfg: _Cfg, num_groups: int, lhs, grad, group_sizes, group_offset):
 
 
 def _tgmm_fwd(cfg, num_groups, lhs, grad, group_sizes, group_offset):
-    out = _run_tgmm(cfg, lhs, grad, group_sizes, group_offset, num_groups)
+    out = _tgmm(cfg, num_groups, lhs, grad, group_sizes, group_offset)
     return out, (lhs, grad, group_sizes, group_offset)
 
 

@@ -169,17 +169,13 @@ def test_default_call_rows_past_sum_are_zero():
 def test_schedule_covers_rows_within_bound(order):
     rng = np.random.default_rng(3)
     tm = 8
+    schedule = jax.jit(
+        functools.partial(make_schedule, num_groups=G_LOCAL, num_rows=R, tm=tm, order=order)
+    )
     for _ in range(20):
         sizes = _sizes(rng.integers(0, R + 1, size=G))
         offset = int(rng.integers(0, G - G_LOCAL + 1))
-        s = make_schedule(
-            jnp.asarray(sizes),
-            jnp.int32(offset),
-            num_groups=G_LOCAL,
-            num_rows=R,
-            tm=tm,
-            order=order,
-        )
+        s = schedule(jnp.asarray(sizes), jnp.int32(offset))
         num = int(s.num[0])
         assert num <= num_visits_bound(R, tm, G_LOCAL) == len(s.group)
         group, tile, active = (np.asarray(a)[:num] for a in (s.group, s.tile, s.active))
