@@ -58,7 +58,7 @@ def _parse(arg: str | None) -> tuple[str, set[str]]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, mods = _parse(arg)
     c = ml_collections.ConfigDict()
-    c.name = ",".join([variant, *sorted(mods)])  # run name; default workdir is ./workdir/<name>
+    c.name = "_".join([variant, *sorted(mods)])  # run name; default workdir ./workdir/<name>
     c.seed = 0  # parameter init and data shuffle seed
     c.num_steps = 500  # optimizer steps in the run
     c.fail_at_step = -1  # debug: poison the loss with NaN at this step (-1 = never; tests)
@@ -71,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.d_ff = 256  # hidden width of dense FFNs (2x the expert width: E[K]=2 active FLOPs)
     m.moe_every = 1  # every n-th block's FFN is an MoE layer (0 or model without moe: none)
     m.mode = "vlm"  # vlm: image patch prefix + text | lm: text only
-    m.vision_encoder = "linear"  # patch encoder in front of the decoder (see model.py)
+    m.vision_encoder = "mlp"  # patch encoder in front of the decoder: mlp | vit
+    m.vision_layers = 1  # bidirectional blocks in the vit encoder
     m.tie_embeddings = True  # share the input embedding with the output projection
     m.remat = False  # rematerialize blocks in the backward pass (saves memory)
     m.dtype = "float32"  # compute dtype

@@ -8,13 +8,16 @@ routing_heatmap.png held-out images next to a map of real experts per patch (mea
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from moe_jax import routing  # noqa: E402
 
@@ -83,14 +86,14 @@ def record_routing():
     """Records the expert ids [T, K] of every routing call made inside the context.
 
     MoE layers route through ``routing.route``; wrapping it sees every layer without any hook
-    in the model. Use with an eager (un-jitted) forward pass: the ids are concrete arrays.
+    in the model. Inside a traced function the recorded ids are tracers: return them.
     """
     calls: list = []
     original = routing.route
 
     def recording(logits, cfg, *args, **kw):
         r = original(logits, cfg, *args, **kw)
-        calls.append((np.asarray(r.expert_ids), cfg.num_experts))
+        calls.append((r.expert_ids, cfg.num_experts))
         return r
 
     routing.route = recording
@@ -100,15 +103,31 @@ def record_routing():
         routing.route = original
 
 
-def real_experts_per_token(model, tokens, images) -> np.ndarray | None:
-    """[B, P+L] real experts per token, averaged over MoE layers (eager eval forward)."""
-    with record_routing() as calls:
-        model(tokens, images, deterministic=True)
-    if not calls:
+def real_experts_per_token(graphdef, state, tokens, images) -> np.ndarray | None:
+    """[B, P+L] real experts per token, averaged over MoE layers (eval-mode forward).
+
+    ``graphdef, *state`` is the model split by nnx.split; the forward runs under jax.jit with
+    ``routing.route`` recorded while it is traced, so the ids come out as jit outputs.
+    """
+    ids = _routing_ids(graphdef, tuple(state), tokens, images)
+    if not ids:
         return None
     b = tokens.shape[0]
-    per_layer = [(ids < n).sum(-1).reshape(b, -1) for ids, n in calls]  # [B, P+L] each
+    per_layer = [(np.asarray(i) < n).sum(-1).reshape(b, -1) for i, n in ids]  # [B, P+L] each
     return np.mean(np.stack(per_layer), axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _routing_ids_jit(graphdef, state, tokens, images):
+    with record_routing() as calls:
+        nnx.merge(graphdef, *state)(tokens, images, deterministic=True)
+    return [ids for ids, _ in calls], [n for _, n in calls]
+
+
+def _routing_ids(graphdef, state, tokens, images):
+    """[(expert ids [T, K], N)] per MoE layer. N comes back as a static int via the trace."""
+    ids, ns = _routing_ids_jit(graphdef, state, tokens, images)
+    return list(zip(ids, (int(n) for n in ns)))
 
 
 def _save(fig, path: str) -> str:

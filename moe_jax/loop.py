@@ -1,0 +1,241 @@
+"""The training loop: resume, step, fetch metrics one step late, checkpoint, eval, plot.
+
+Order inside one iteration: draw batch t, dispatch train_step t, then read step t-1's metrics
+(the device is already busy with t). Before a checkpoint or an eval at step t the loop reads
+step t's metrics too, so every saved checkpoint has a finite loss: the "last good checkpoint"
+named by a NaN stop is always restorable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from moe_jax import data as data_lib
+from moe_jax import flops, plots
+from moe_jax import metrics as metrics_lib
+from moe_jax.checkpoint import Checkpointer
+from moe_jax.train_config import TrainConfig
+from moe_jax.training import (
+    NonFiniteLossError,
+    StepSpec,
+    _batch_crc,
+    evaluate,
+    init_state,
+    make_optimizer,
+    train_step,
+)
+
+
+def summary(cfg: TrainConfig, state) -> str:
+    """A few lines describing the run: model, MoE, parameter counts, data and optimizer."""
+    m, d, moe = cfg.model, cfg.data, cfg.moe
+    n_params = sum(int(np.prod(x.shape)) for x in _leaves(state["params"]))
+    lines = [
+        f"model: {m.mode}, D={m.d_model}, {m.n_layers} layers, heads {m.n_heads}/{m.n_kv_heads}, "
+        f"dense d_ff={m.d_ff}, vocab {m.vocab_size}, {m.num_patches} patch + {d.text_len} "
+        f"text tokens; {n_params / 1e6:.2f}M parameters",
+    ]
+    if moe is not None:
+        expert = flops.ffn_flops_per_token(moe.d_model, moe.d_ff, moe.activation) / 2
+        inactive = len(m.moe_layers) * (moe.num_experts - flops.expected_real_experts(moe)) * expert
+        null = f", rho={moe.density:.3g} (M={moe.num_nulls})" if moe.router == "null" else ""
+        lines.append(
+            f"moe: {moe.router} router in blocks {list(m.moe_layers)}, N={moe.num_experts} "
+            f"experts of d_ff={moe.d_ff}, K={moe.top_k}{null}, E[K]={flops.expected_real_experts(moe):.3g}, "
+            f"backend {moe.backend}; ~{(n_params - inactive) / 1e6:.2f}M active parameters/token"
+        )
+    else:
+        lines.append("moe: none (dense FFN in every block)")
+    tokens = d.batch_size * (m.num_patches + d.text_len)
+    lines.append(
+        f"data: {d.kind}, batch {d.batch_size} ({tokens} tokens/step); {cfg.num_steps} steps; "
+        f"AdamW lr {cfg.opt.lr:g} {cfg.opt.schedule}, warmup {cfg.opt.warmup_steps}"
+    )
+    return "\n".join(lines)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+class Loop:
+    """One run of ``cfg`` in ``workdir``; ``preempt.requested`` turns true on SIGTERM."""
+
+    def __init__(self, cfg: TrainConfig, workdir: str, preempt, *, stop_at: int | None = None):
+        self.cfg, self.workdir, self.preempt = cfg, os.path.abspath(workdir), preempt
+        self.stop_at = stop_at
+        self.tokens_per_step = cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len)
+        self.last_saved: int | None = None
+        self.final_loss = math.nan
+        self._ref = None  # (step, time) for tokens/s
+
+    def run(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        os.makedirs(self.workdir, exist_ok=True)
+        graphdef, state = init_state(cfg)
+        self.ckpt = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            every_steps=cfg.ckpt.every_steps,
+            keep=cfg.ckpt.keep,
+            async_save=cfg.ckpt.async_save,
+        )
+        train_iter = data_lib.make_dataset(cfg.data, "train")
+        start = 0
+        if cfg.ckpt.resume and self.ckpt.steps():
+            restored = self.ckpt.restore_latest(state, train_iter)
+            if restored is None:  # every step unreadable: start over from a fresh iterator
+                train_iter = data_lib.make_dataset(cfg.data, "train")
+            else:
+                start, state = restored
+                self.last_saved = start
+        print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg, state)}", flush=True)
+        if start:
+            print(f"resumed from the checkpoint at step {start}", flush=True)
+        self.writer = metrics_lib.MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard)
+        self.progress = metrics_lib.Progress(
+            cfg.num_steps, start, enabled=cfg.log.progress, every=cfg.log.every_steps
+        )
+        tx, schedule = make_optimizer(cfg.opt, cfg.num_steps)
+        kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=StepSpec(cfg.opt.grad_accum))
+        fail_at = np.int32(cfg.fail_at_step)
+        status, step, pending = "done", start, None
+        try:
+            for step in range(start + 1, cfg.num_steps + 1):
+                batch = next(train_iter)
+                crc = _batch_crc(batch)
+                state, m = train_step(state, batch, fail_at, **kw)
+                if pending is not None:
+                    self._consume(*pending)
+                pending = (step, m, crc)
+                stop = self.preempt.requested or step == self.stop_at
+                save = self.ckpt.should_save(step) or step == cfg.num_steps or stop
+                ev = cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.num_steps
+                if save or ev:
+                    self._consume(*pending)
+                    pending = None
+                if save:
+                    self.ckpt.save(step, state, train_iter)
+                    self.last_saved = step
+                if ev:
+                    self.writer.write(step, evaluate(cfg, graphdef, state))
+                    self._ref = None  # eval time does not count against tokens/s
+                if stop:
+                    status = "preempted"
+                    self.progress.write(f"preempted: saved a checkpoint at step {step}; exiting")
+                    break
+            if pending is not None:
+                self._consume(*pending)
+            self.ckpt.wait()
+            result = {"status": status, "step": step, "final_loss": self.final_loss}
+            if status == "done":
+                result["eval"] = evaluate(cfg, graphdef, state)
+                self.writer.write(step, result["eval"])
+                self.writer.flush()
+                self._finish(graphdef, state, result)
+        finally:
+            self.progress.close()
+            self.ckpt.close()
+            if hasattr(self, "writer"):
+                self.writer.close()
+        result["seconds"] = time.perf_counter() - t0
+        print(f"{status} at step {step} in {result['seconds']:.0f} s", flush=True)
+        return result
+
+    def _consume(self, step: int, m, crc: int) -> None:
+        """Reads step ``step``'s metrics (blocks until it is done), checks the loss, logs."""
+        cfg = self.cfg
+        loss = float(m["loss"])
+        now = time.perf_counter()
+        if not math.isfinite(loss):
+            where = (
+                f"step {self.last_saved} in {self.ckpt.directory}"
+                if self.last_saved is not None
+                else "none (no checkpoint was saved before this step)"
+            )
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step}; stopping. Last good checkpoint: {where}"
+            )
+        self.final_loss = loss
+        tps = math.nan
+        if self._ref is not None and step > self._ref[0]:
+            tps = self.tokens_per_step * (step - self._ref[0]) / max(now - self._ref[1], 1e-9)
+        self._ref = (step, now)
+        if step % cfg.log.every_steps == 0 or step == cfg.num_steps:
+            host = metrics_lib.to_host(m)
+            row = {k: host[k] for k in ("loss", "aux_loss", "lr", "grad_norm")}
+            row["tokens_per_s"] = tps
+            row["data/crc32"] = crc
+            row.update(metrics_lib.flatten_routing(host["moe"], cfg.moe))
+            self.writer.write(step, row)
+        self.progress.update(step, loss, tps if math.isfinite(tps) else 0.0)
+
+    def _finish(self, graphdef, state, result: dict) -> None:
+        """Plots and the closing report (printed and stored in result["report"])."""
+        cfg, lines = self.cfg, []
+        rows = metrics_lib.last_rows_by_step(metrics_lib.read_jsonl(self.writer.path))
+        last = rows[-1] if rows else {}
+        ev = result["eval"]
+        lines.append(f"train loss {self.final_loss:.4f}, eval loss {ev['eval/loss']:.4f}")
+        if "null_ratio" in last:
+            per_mod = ", ".join(
+                f"{mod} {ev.get(f'eval/null_ratio/{mod}', math.nan):.2f}"
+                for mod in metrics_lib.MODALITIES
+                if f"eval/null_ratio/{mod}" in ev
+            )
+            target = f" (target {1 - cfg.moe.density:.2f})" if cfg.moe.router == "null" else ""
+            lines.append(f"eval null ratio{target}: all {ev['eval/null_ratio']:.2f}; {per_mod}")
+            lines.append(
+                "eval real experts/token: "
+                + ", ".join(
+                    f"{mod} {ev[f'eval/real_per_token/{mod}']:.2f}"
+                    for mod in metrics_lib.MODALITIES
+                    if f"eval/real_per_token/{mod}" in ev
+                )
+                + f"; MoE FLOPs/token realized {last['flops_per_token/realized'] / 1e6:.2f}M "
+                f"vs expected {last['flops_per_token/expected'] / 1e6:.2f}M"
+            )
+        if cfg.log.plots:
+            written = [
+                plots.plot_losses(rows + [{"step": result["step"], **ev}], self._path("loss.png"))
+            ]
+            if "null_ratio" in last:
+                rho = cfg.moe.density if cfg.moe.router == "null" else None
+                written.append(plots.plot_null_ratio(rows, self._path("null_ratio.png"), rho=rho))
+            if cfg.moe is not None and cfg.model.mode == "vlm" and cfg.log.heatmap_images:
+                written.append(self._heatmap(graphdef, state, lines))
+            lines.append("plots: " + ", ".join(os.path.basename(p) for p in written))
+        result["report"] = "\n".join(lines)
+        print(result["report"], flush=True)
+
+    def _heatmap(self, graphdef, state, lines: list[str]) -> str:
+        """Real experts per patch on held-out images; also reports shape vs background patches."""
+        cfg = self.cfg
+        batch = next(iter(data_lib.make_dataset(cfg.data, "eval")))
+        per_tok = plots.real_experts_per_token(
+            graphdef, (state["params"], state["rest"]), batch["tokens"], batch["image"]
+        )  # [B, P+L]
+        p = cfg.model.num_patches
+        side = cfg.data.image_size // cfg.data.patch_size
+        patches = per_tok[:, :p]  # [B, P]
+        fg = batch["patch_fg"]
+        if fg.any() and (~fg).any():
+            lines.append(
+                f"real experts per patch: shapes {patches[fg].mean():.2f}, background "
+                f"{patches[~fg].mean():.2f}; text tokens {per_tok[:, p:][batch['loss_mask']].mean():.2f}"
+            )
+        n = min(cfg.log.heatmap_images, patches.shape[0])
+        return plots.plot_routing_heatmap(
+            batch["image"][:n],
+            patches[:n].reshape(n, side, side),
+            self._path("routing_heatmap.png"),
+            vmax=float(cfg.moe.top_k) if cfg.moe.router in ("null", "topk") else None,
+        )
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)

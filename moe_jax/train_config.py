@@ -1,0 +1,241 @@
+"""ConfigDict -> frozen, validated dataclasses, once, before anything is built or compiled.
+
+The ConfigDict sections map to: model -> ModelConfig (with data-derived fields filled in),
+moe -> MoEConfig (or None when moe.enabled is False), data -> DataConfig, opt -> OptConfig,
+ckpt -> CkptConfig, log -> LogConfig; top-level scalars -> TrainConfig. Unknown keys and
+invalid values raise ValueError naming the field as ``config.<section>.<key>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from moe_jax.config import MoEConfig
+from moe_jax.data import DataConfig, make_tokenizer
+from moe_jax.model import ModelConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+# ModelConfig fields that come from the data section or the tokenizer, not from config.model.
+_MODEL_DERIVED = ("vocab_size", "image_size", "patch_size", "channels", "max_len", "moe")
+# MoEConfig fields the trainer fills in (d_model from the model; dtypes and causality from
+# ModelConfig.layer_moe_config).
+_MOE_DERIVED = ("d_model", "dtype", "param_dtype", "causal", "allow_noncausal")
+
+
+def _field_error(path: str, value, allowed: str) -> ValueError:
+    return ValueError(f"config.{path}={value!r} is invalid: {allowed}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    """Optimizer and schedule (see configs/default.py for the meaning of each field)."""
+
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        c = lambda ok, f, allowed: (
+            None if ok else _raise(_field_error(f"opt.{f}", getattr(self, f), allowed))
+        )
+        c(self.lr > 0, "lr", "must be > 0")
+        c(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        c(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
+        c(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must lie in [0, 1]")
+        c(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must lie in [0, 1]")
+        c(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        c(0.0 <= self.b1 < 1.0, "b1", "must lie in [0, 1)")
+        c(0.0 <= self.b2 < 1.0, "b2", "must lie in [0, 1)")
+        c(self.eps > 0, "eps", "must be > 0")
+        c(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 = no clipping)")
+        c(_is_int(self.grad_accum) and self.grad_accum >= 1, "grad_accum", "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CkptConfig:
+    every_steps: int = 100
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+
+    def __post_init__(self):
+        if not (_is_int(self.every_steps) and self.every_steps >= 0):
+            raise _field_error("ckpt.every_steps", self.every_steps, "an int >= 0 (0 = end only)")
+        if not (_is_int(self.keep) and self.keep >= 1):
+            raise _field_error("ckpt.keep", self.keep, "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10
+    eval_every: int = 250
+    eval_batches: int = 4
+    tensorboard: bool = True
+    progress: bool = True
+    plots: bool = True
+    heatmap_images: int = 4
+
+    def __post_init__(self):
+        for f, lo in (
+            ("every_steps", 1),
+            ("eval_every", 0),
+            ("eval_batches", 0),
+            ("heatmap_images", 0),
+        ):
+            v = getattr(self, f)
+            if not (_is_int(v) and v >= lo):
+                raise _field_error(f"log.{f}", v, f"an int >= {lo}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs, validated; built by ``from_config_dict``."""
+
+    name: str
+    seed: int
+    num_steps: int
+    fail_at_step: int
+    model: ModelConfig
+    data: DataConfig
+    opt: OptConfig
+    ckpt: CkptConfig
+    log: LogConfig
+
+    @property
+    def moe(self) -> MoEConfig | None:
+        return self.model.layer_moe_config
+
+
+def _raise(err: Exception):
+    raise err
+
+
+def _section(cfg: Mapping, name: str) -> dict:
+    if name not in cfg:
+        raise ValueError(f"config.{name} is missing: the config needs a '{name}' section")
+    sec = cfg[name]
+    if not isinstance(sec, Mapping):
+        raise _field_error(name, sec, "must be a section (ConfigDict)")
+    return dict(sec)
+
+
+def _check_keys(section: str, given: Mapping, allowed) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(f'config.{section}.{k}' for k in unknown)}; "
+            f"known keys of config.{section}: {sorted(allowed)}"
+        )
+
+
+def _build(section: str, cls, kwargs: dict, prefix: str):
+    """cls(**kwargs); its ValueError is re-raised with the config path of the section."""
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        msg = str(err).replace(f"{prefix}.", f"config.{section}.")
+        raise ValueError(f"invalid config.{section}: {msg}") from None
+
+
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def from_config_dict(cfg) -> TrainConfig:
+    """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig."""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    sections = ("model", "moe", "data", "opt", "ckpt", "log")
+    top = ("name", "seed", "num_steps", "fail_at_step")
+    unknown = sorted(set(cfg) - set(sections) - set(top))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join('config.' + k for k in unknown)}; "
+            f"known: {sorted(top)} and sections {list(sections)}"
+        )
+    seed, num_steps = cfg.get("seed", 0), cfg.get("num_steps", 100)
+    fail_at_step = cfg.get("fail_at_step", -1)
+    if not (_is_int(seed) and 0 <= seed < 2**32):
+        raise _field_error("seed", seed, "an int in [0, 2**32)")
+    if not (_is_int(num_steps) and num_steps >= 1):
+        raise _field_error("num_steps", num_steps, "an int >= 1")
+    if not _is_int(fail_at_step):
+        raise _field_error("fail_at_step", fail_at_step, "an int (-1 = never)")
+
+    d = _section(cfg, "data")
+    _check_keys("data", d, _fields(DataConfig))
+    if "paths" in d and isinstance(d["paths"], list):
+        d["paths"] = tuple(d["paths"])
+    d.setdefault("seed", seed)
+    data = _build("data", DataConfig, d, "DataConfig")
+
+    e = _section(cfg, "moe")
+    _check_keys("moe", e, ("enabled", *(set(_fields(MoEConfig)) - set(_MOE_DERIVED))))
+    m = _section(cfg, "model")
+    _check_keys("model", m, set(_fields(ModelConfig)) - set(_MODEL_DERIVED))
+    enabled = e.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _field_error("moe.enabled", enabled, "must be True or False")
+    if "d_model" not in m:
+        raise ValueError("config.model.d_model is missing")
+    moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
+    model = _build(
+        "model",
+        ModelConfig,
+        {
+            **m,
+            "vocab_size": make_tokenizer(data).vocab_size,
+            "image_size": data.image_size,
+            "patch_size": data.patch_size,
+            "channels": 3,
+            "max_len": data.text_len,
+            "moe": moe,
+        },
+        "ModelConfig",
+    )
+    if (model.mode == "vlm") != data.has_image:
+        raise _field_error(
+            "model.mode",
+            model.mode,
+            f"'vlm' needs an image data kind (shapes, manifest) and 'lm' a text kind; "
+            f"config.data.kind={data.kind!r}",
+        )
+
+    opt = _build("opt", OptConfig, _section(cfg, "opt"), "OptConfig")
+    if data.batch_size % opt.grad_accum:
+        raise _field_error(
+            "opt.grad_accum",
+            opt.grad_accum,
+            f"must divide config.data.batch_size={data.batch_size}",
+        )
+    ckpt = _build("ckpt", CkptConfig, _section(cfg, "ckpt"), "CkptConfig")
+    log = _build("log", LogConfig, _section(cfg, "log"), "LogConfig")
+    if data.n_eval < data.batch_size and (log.eval_batches or log.eval_every or log.heatmap_images):
+        raise _field_error(
+            "data.n_eval",
+            data.n_eval,
+            f"must be >= config.data.batch_size={data.batch_size} to eval",
+        )
+    return TrainConfig(
+        name=str(cfg.get("name", "run")),
+        seed=seed,
+        num_steps=num_steps,
+        fail_at_step=fail_at_step,
+        model=model,
+        data=data,
+        opt=opt,
+        ckpt=ckpt,
+        log=log,
+    )

@@ -1,0 +1,216 @@
+"""Train state, the jitted train / eval steps, and the training loop behind train.py.
+
+    summary = run(config_dict, workdir)
+
+State is a pytree {"params": nnx.State, "rest": nnx.State, "opt": optax state, "step": int32,
+"rng": PRNG key}; the model is split once into (graphdef, params, rest) and ``train_step`` is
+a pure module-level function under jax.jit with the state donated. The loop dispatches step t
+before it reads step t-1's metrics, so the host never waits on the device except at
+checkpoints, evals and log writes of the step just dispatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moe_jax import data as data_lib
+from moe_jax import metrics as metrics_lib
+from moe_jax import model as model_lib
+from moe_jax.train_config import OptConfig, TrainConfig, from_config_dict
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step and last checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static settings of the train step (hashable: part of the jit cache key)."""
+
+    grad_accum: int = 1
+
+
+@functools.lru_cache(maxsize=16)
+def make_optimizer(opt: OptConfig, num_steps: int):
+    """(tx, schedule): AdamW with decoupled weight decay on matrices, global-norm clipping.
+
+    Cached so that runs with equal settings share one transform and hence one compiled step.
+    """
+    warm = min(opt.warmup_steps, num_steps)
+    peak, floor = opt.lr, opt.lr * opt.min_lr_ratio
+    if opt.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, peak, warm, max(num_steps, warm + 1), floor
+        )
+    else:
+        decay = int(round(opt.decay_fraction * num_steps)) if opt.schedule == "wsd" else 0
+        stable = max(num_steps - warm - decay, 0)
+        parts = [optax.linear_schedule(0.0, peak, max(warm, 1)), optax.constant_schedule(peak)]
+        bounds = [warm]
+        if decay:
+            parts.append(optax.linear_schedule(peak, floor, decay))
+            bounds.append(warm + stable)
+        schedule = optax.join_schedules(parts, bounds)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(
+        schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask
+    )
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm else adamw
+    return tx, schedule
+
+
+def init_state(cfg: TrainConfig):
+    """(graphdef, state) for a fresh run; parameters are initialized under jax.jit."""
+
+    create = lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    params, rest = _init_params(cfg.model, cfg.seed)
+    tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key(cfg.seed),
+    }
+    return graphdef, state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_params(model_cfg: model_lib.ModelConfig, seed: int):
+    """(params, rest) of a fresh model; jitted and cached per (config, seed)."""
+    model = model_lib.Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    return tuple(nnx.split(model, nnx.Param, ...)[1:])
+
+
+def _forward(graphdef, params, rest, batch, deterministic: bool):
+    """Task loss, its target count, and the model's aux (MoE losses and statistics)."""
+    model = nnx.merge(graphdef, params, rest)
+    logits, aux = model(batch["tokens"], batch.get("image"), deterministic=deterministic)
+    loss, count = model_lib.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return loss, count, aux
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "tx", "schedule", "spec"), donate_argnames=("state",)
+)
+def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec):
+    """One optimizer step: value_and_grad of task loss + aux loss, accumulated over
+    spec.grad_accum equal micro-batches (their gradients and metrics are averaged).
+
+    fail_at: int32 scalar; the loss is poisoned with NaN when the step taken equals it (fault
+    injection for tests; -1 = never). A traced argument, so it costs no recompilation.
+    """
+    step = state["step"] + 1  # the step being taken, 1-based
+
+    def loss_fn(params, micro):
+        loss, _, aux = _forward(graphdef, params, state["rest"], micro, False)
+        loss = jnp.where(step == fail_at, jnp.nan, loss)  # fault injection (tests)
+        return loss + aux["aux_loss"], {
+            "loss": loss,
+            "aux_loss": aux["aux_loss"],
+            "moe": aux["moe"],
+        }
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    a = spec.grad_accum
+    if a == 1:
+        (_, m), grads = grad_fn(state["params"], batch)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            (_, m), g = grad_fn(state["params"], mb)
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        (_, m0), g0 = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
+        (grads, m), _ = jax.lax.scan(body, zeros, micro)
+        grads, m = jax.tree.map(lambda x: x / a, (grads, m))
+    updates, opt_state = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    m = {**m, "grad_norm": optax.global_norm(grads), "lr": schedule(step - 1)}
+    new_state = {**state, "params": params, "opt": opt_state, "step": step}
+    return new_state, m
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_step(params, rest, batch, *, graphdef):
+    """Summed task loss, target count and MoE statistics of one held-out batch."""
+    loss, count, aux = _forward(graphdef, params, rest, batch, True)
+    return {"loss_sum": loss * count, "count": count, "moe": aux["moe"]}
+
+
+def evaluate(cfg: TrainConfig, graphdef, state) -> dict[str, float]:
+    """Mean held-out loss over log.eval_batches batches (0 = the whole split) and routing stats."""
+    it = data_lib.make_dataset(cfg.data, "eval")
+    loss_sum, count, moe_rows = 0.0, 0.0, []
+    for i, batch in enumerate(it):
+        if cfg.log.eval_batches and i >= cfg.log.eval_batches:
+            break
+        out = metrics_lib.to_host(
+            eval_step(state["params"], state["rest"], batch, graphdef=graphdef)
+        )
+        loss_sum, count = loss_sum + out["loss_sum"], count + out["count"]
+        moe_rows.append(metrics_lib.flatten_routing(out["moe"], cfg.moe))
+    row = {"eval/loss": loss_sum / max(count, 1.0)}
+    for key in moe_rows[0] if moe_rows else ():
+        if not isinstance(moe_rows[0][key], list):
+            row[f"eval/{key}"] = float(np.mean([r[key] for r in moe_rows]))
+    return row
+
+
+def _batch_crc(batch) -> int:
+    """Fingerprint of a batch's content (tokens and image bytes): data order in the logs."""
+    crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+    if "image" in batch:
+        crc = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes(), crc)
+    return crc
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls (installed in the main thread only)."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run(config, workdir: str, *, stop_at: int | None = None) -> dict:
+    """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``; see the module docstring.
+
+    stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
+    schedule still follows config.num_steps, so a later run resumes the same trajectory.
+    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}.
+    Raises NonFiniteLossError on a NaN/Inf loss and ValueError on an invalid config.
+    """
+    cfg = config if isinstance(config, TrainConfig) else from_config_dict(config)
+    from moe_jax.loop import Loop  # the loop body lives in its own file
+
+    with _Preemption() as preempt:
+        return Loop(cfg, workdir, preempt, stop_at=stop_at).run()

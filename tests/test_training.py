@@ -1,0 +1,277 @@
+"""Training system: smoke training, exact resume, crash safety, preemption, NaN stop, CLI, configs.
+
+Module-scoped fixtures share the expensive runs: one uninterrupted smoke run, one run stopped at
+step 10 and resumed, and one chain of CLI subprocesses (SIGTERM, restart + SIGKILL, corrupt the
+latest checkpoint, restart to the end).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import default  # noqa: E402
+from moe_jax import metrics, train_config, training  # noqa: E402
+
+SMOKE_STEPS = 30
+
+
+def smoke(**overrides):
+    c = default.get_config("smoke")
+    c.log.progress = False
+    for path, value in overrides.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def rows_of(workdir):
+    return metrics.last_rows_by_step(metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("straight"))
+    result = training.run(smoke(), wd)
+    return wd, result, rows_of(wd)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("resumed"))
+    first = training.run(smoke(), wd, stop_at=10)
+    second = training.run(smoke(), wd)
+    return wd, first, second, rows_of(wd)
+
+
+@pytest.mark.slow
+def test_smoke_trains_and_writes_metrics_and_plots(straight):
+    wd, result, rows = straight
+    assert result["status"] == "done" and result["step"] == SMOKE_STEPS
+    assert [r["step"] for r in rows] == list(range(1, SMOKE_STEPS + 1))
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    want = [
+        "loss",
+        "lr",
+        "grad_norm",
+        "lb_loss",
+        "z_loss",
+        "null_ratio",
+        "null_ratio/layer0",
+        "null_ratio/layer1",
+        "null_ratio/vision",
+        "null_ratio/text",
+        "real_per_token",
+        "real_per_token/vision",
+        "zero_compute_fraction",
+        "expert_load/layer0",
+        "drop_fraction",
+        "flops_per_token/expected",
+        "flops_per_token/realized",
+        "tokens_per_s",
+    ]
+    for r in rows:
+        missing = [k for k in want if k not in r]
+        assert not missing, (r["step"], missing)
+    assert len(rows[-1]["expert_load/layer0"]) == 4
+    assert math.isclose(sum(rows[-1]["expert_load/layer0"]), 1.0, rel_tol=1e-5)
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows[1:])
+    assert 0.0 <= rows[-1]["null_ratio/vision"] <= 1.0
+    assert "eval/loss" in result["eval"] and math.isfinite(result["eval"]["eval/loss"])
+    for name in ("loss.png", "null_ratio.png", "routing_heatmap.png"):
+        path = os.path.join(wd, name)
+        assert os.path.getsize(path) > 1000, name
+    assert os.listdir(os.path.join(wd, "tb"))
+    assert "null ratio" in result["report"]
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(straight, resumed):
+    _, _, rows_a = straight
+    wd, first, second, rows_b = resumed
+    assert first["status"] == "preempted" and first["step"] == 10
+    assert second["status"] == "done" and second["step"] == SMOKE_STEPS
+    assert [r["step"] for r in rows_b] == list(range(1, SMOKE_STEPS + 1))
+    # Data order: the same batches in the same order, before and after the restart.
+    assert [r["data/crc32"] for r in rows_a] == [r["data/crc32"] for r in rows_b]
+    # Bitwise-equal losses (JSON round-trips floats exactly).
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert rows_a[-1]["grad_norm"] == rows_b[-1]["grad_norm"]
+    assert second["eval"] == straight[1]["eval"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
+    cfg = smoke(fail_at_step=7, **{"ckpt.every_steps": 5})
+    with pytest.raises(training.NonFiniteLossError) as err:
+        training.run(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert "at step 7" in msg and "nan" in msg, msg
+    assert "Last good checkpoint: step 5" in msg, msg
+    # No checkpoint after the poisoned step was written.
+    ckpts = os.listdir(tmp_path / "checkpoints")
+    assert "5" in ckpts and not any(c.isdigit() and int(c) > 5 for c in ckpts), ckpts
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        ({"moe.rho": 0.3}, r"config\.moe\.rho"),
+        ({"opt.schedule": "linear"}, r"config\.opt\.schedule"),
+        ({"model.n_heads": 3}, r"config\.model\.n_heads"),
+        ({"opt.grad_accum": 3}, r"config\.opt\.grad_accum"),
+        ({"data.patch_size": 5}, r"config\.data\.image_size"),
+        ({"model.mode": "lm"}, r"config\.model\.mode"),
+        ({"ckpt.keep": 0}, r"config\.ckpt\.keep"),
+    ],
+)
+def test_invalid_value_rejected_before_compilation(tmp_path, overrides, pattern):
+    wd = tmp_path / "never"
+    with pytest.raises(ValueError, match=pattern):
+        training.run(smoke(**overrides), str(wd))
+    assert not wd.exists()  # nothing was built or written
+
+
+def test_unknown_config_keys_rejected():
+    c = smoke()
+    c.unlock()
+    c.model.d_modle = 64
+    with pytest.raises(ValueError, match=r"unknown config key.*config\.model\.d_modle"):
+        train_config.from_config_dict(c)
+    c = smoke()
+    c.unlock()
+    c.extra = 1
+    with pytest.raises(ValueError, match=r"config\.extra"):
+        train_config.from_config_dict(c)
+
+
+def test_variants_convert():
+    for v in default.VARIANTS:
+        for arg in (v, f"{v},smoke"):
+            cfg = train_config.from_config_dict(default.get_config(arg))
+            assert (cfg.moe is None) == (v == "dense"), arg
+    k8 = train_config.from_config_dict(default.get_config("k8_rho025")).moe
+    k2 = train_config.from_config_dict(default.get_config("k2_rho1")).moe
+    assert k8.top_k * k8.density == k2.top_k * k2.density == 2.0
+    with pytest.raises(ValueError, match="variant"):
+        default.get_config("nope")
+
+
+# ---- CLI subprocesses: SIGTERM, SIGKILL, a corrupted checkpoint, restart to the end -----------
+
+CHAIN_STEPS = 150
+
+
+def _cli(workdir, cache):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.num_steps={CHAIN_STEPS}",
+        "--config.ckpt.every_steps=5",
+        "--config.log.progress=False",
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(pred, proc, timeout=240.0):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            out, err = proc.communicate()
+            raise AssertionError(f"condition not met; rc={proc.returncode}\n{out}\n{err[-3000:]}")
+        time.sleep(0.05)
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _last_logged(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = metrics.read_jsonl(path) if os.path.exists(path) else []
+    return rows[-1]["step"] if rows else 0
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("chain") / "run")
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    out = {}
+    # 1. SIGTERM once a few steps are logged.
+    p = _cli(wd, cache)
+    _wait_for(lambda: _last_logged(wd) >= 8, p)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    out["term"] = (p.returncode, stdout, stderr, _steps(wd))
+    # 2. Restart, then SIGKILL once it has saved a checkpoint of its own.
+    before = max(_steps(wd) or [0])
+    p = _cli(wd, cache)
+    _wait_for(lambda: max(_steps(wd) or [0]) >= before + 10, p)
+    p.kill()
+    stdout, stderr = p.communicate(timeout=60)
+    out["kill"] = (p.returncode, stdout, stderr, _steps(wd))
+    # 3. Corrupt the newest complete checkpoint: every file of its state item is garbage.
+    newest = max(_steps(wd))
+    for root, _, files in os.walk(os.path.join(wd, "checkpoints", str(newest), "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+    out["corrupted"] = newest
+    # 4. Restart: skips the corrupted step with a warning, resumes the previous one, finishes.
+    p = _cli(wd, cache)
+    stdout, stderr = p.communicate(timeout=300)
+    out["final"] = (p.returncode, stdout, stderr, _steps(wd))
+    out["workdir"] = wd
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_at_current_step(chain):
+    rc, stdout, stderr, steps = chain["term"]
+    assert rc == 0, stderr[-3000:]
+    m = re.search(r"preempted: saved a checkpoint at step (\d+)", stdout + stderr)
+    assert m, stdout
+    step = int(m.group(1))
+    assert 8 <= step < CHAIN_STEPS and steps[-1] == step, (step, steps)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_resumes_and_skips_corrupted_checkpoint(chain):
+    term_step = chain["term"][3][-1]
+    rc, stdout, _, _ = chain["kill"]
+    assert rc == -signal.SIGKILL
+    assert f"resumed from the checkpoint at step {term_step}" in stdout, stdout
+    rc, stdout, stderr, steps = chain["final"]
+    assert rc == 0, stderr[-3000:]
+    corrupted = chain["corrupted"]
+    assert re.search(rf"checkpoint at step {corrupted} .*unreadable", stderr), stderr[-3000:]
+    m = re.search(r"resumed from the checkpoint at step (\d+)", stdout)
+    assert m and int(m.group(1)) < corrupted, stdout
+    assert f"done at step {CHAIN_STEPS}" in stdout, stdout
+    assert steps[-1] == CHAIN_STEPS
+    wd = chain["workdir"]
+    rows = rows_of(wd)
+    assert [r["step"] for r in rows] == list(range(1, CHAIN_STEPS + 1))
+    for name in ("loss.png", "null_ratio.png", "routing_heatmap.png"):
+        assert os.path.exists(os.path.join(wd, name)), name
