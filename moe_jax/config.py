@@ -79,6 +79,8 @@ class MoEConfig:
     allow_noncausal: bool = False  # explicitly allow expert_choice in a causal model (tests only)
     num_modalities: int = 2  # size of the modality-id alphabet for per-modality statistics
     router_init_std: float = 0.02  # std of the router kernel init
+    bias_update_rate: float = 0.0  # u of aux-loss-free per-expert balancing bias (0 = off)
+    null_bias_update_rate: float = 0.0  # u of the null-ratio controller on the null logit (0 = off)
 
     def __post_init__(self):
         def positive_int(name):
@@ -113,6 +115,19 @@ class MoEConfig:
             raise _err("lb_coef", "must be >= 0", self.lb_coef)
         if self.z_coef < 0:
             raise _err("z_coef", "must be >= 0", self.z_coef)
+        for name in ("bias_update_rate", "null_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise _err(name, "must be >= 0 (0 = off)", getattr(self, name))
+        if self.bias_update_rate > 0 and self.router not in ("null", "topk", "switch"):
+            raise _err(
+                "bias_update_rate",
+                "applies to the null, topk and switch routers",
+                self.bias_update_rate,
+            )
+        if self.null_bias_update_rate > 0 and self.router != "null":
+            raise _err(
+                "null_bias_update_rate", "applies to router='null' only", self.null_bias_update_rate
+            )
         if self.router_init_std <= 0:
             raise _err("router_init_std", "must be > 0", self.router_init_std)
         from moe_jax import experts  # local import: experts imports this module
@@ -179,6 +194,10 @@ class MoEConfig:
     def num_router_logits(self) -> int:
         """N+1 for the null router (one learned null logit), N otherwise."""
         return self.num_experts + (1 if self.router == "null" else 0)
+
+    @property
+    def uses_selection_bias(self) -> bool:
+        return self.bias_update_rate > 0 or self.null_bias_update_rate > 0
 
     @property
     def effective_lb_coef(self) -> float:

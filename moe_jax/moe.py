@@ -85,18 +85,25 @@ def _stats(cfg: MoEConfig, r: routing.Routing, modality: jax.Array | None, axis_
     return jax.tree.map(jax.lax.stop_gradient, stats)
 
 
+class RouterBias(nnx.Variable):
+    """Selection-only router bias (aux-loss-free balancing / null-ratio controller); updated in
+    training forward passes, never by the optimizer."""
+
+
 class MoE(nnx.Module):
     """Mixture-of-Experts FFN. ``y, aux = layer(x, modality=None)``; x [B, L, D] or [T, D].
 
     Parameters: router.kernel [D, N+1] (null router; column N is the null logit) or [D, N];
     w_in [N, D, F], w_gate [N, D, F] (SwiGLU), w_out [N, F, D], optional b_in/b_out and shared.
     Eval behaviour (threshold_eval / capacity_factor_eval) applies when ``deterministic`` is
-    set, by argument or through ``layer.eval()``.
+    set, by argument or through ``layer.eval()``. With ``parallel`` (an ExpertParallel) the
+    layer runs expert-parallel over its mesh (moe_jax.ep).
     """
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, parallel=None):
         cfg = config
         self.config = cfg
+        self.parallel = parallel  # moe_jax.parallel.ExpertParallel or None (one device)
         self.deterministic = False
         pdt = jnp.dtype(cfg.param_dtype)
         d, f, n = cfg.d_model, cfg.d_ff, cfg.num_experts
@@ -121,6 +128,11 @@ class MoE(nnx.Module):
         self.w_out = nnx.Param(init_in(rngs.params(), (n, f, d), pdt))
         self.b_in = nnx.Param(jnp.zeros((n, f), pdt)) if cfg.expert_bias else None
         self.b_out = nnx.Param(jnp.zeros((n, d), pdt)) if cfg.expert_bias else None
+        self.selection_bias = (
+            RouterBias(jnp.zeros((cfg.num_router_logits,), jnp.float32))
+            if cfg.uses_selection_bias
+            else None
+        )
         self.shared = (
             FFN(
                 d,
@@ -145,6 +157,10 @@ class MoE(nnx.Module):
         if modality is not None and modality.shape != x.shape[:-1]:
             raise ValueError(f"modality ids must have shape {x.shape[:-1]}, got {modality.shape}")
         deterministic = self.deterministic if deterministic is None else deterministic
+        if self.parallel is not None:
+            from moe_jax import ep  # expert parallelism: one shard_map over the mesh
+
+            return ep.ep_forward(self, x, modality, deterministic)
         lead = x.shape[:-1]
         xt = x.reshape(-1, cfg.d_model)  # [T, D]
         t = xt.shape[0]
@@ -152,7 +168,10 @@ class MoE(nnx.Module):
 
         with jax.named_scope("route"):
             logits = self.router(xt.astype(jnp.dtype(cfg.router_dtype)))  # [T, N(+1)]
-            r = routing.route(logits, cfg, train=not deterministic, axis_name=axis)
+            bias = None if self.selection_bias is None else self.selection_bias[...]
+            r = routing.route(
+                logits, cfg, train=not deterministic, axis_name=axis, selection_bias=bias
+            )
         y = self._routed(xt, r, t, train=not deterministic)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):
@@ -163,7 +182,25 @@ class MoE(nnx.Module):
             "aux_loss": cfg.effective_lb_coef * r.lb_loss + cfg.z_coef * r.z_loss,
             **_stats(cfg, r, modality, axis),
         }
+        self._update_selection_bias(aux, deterministic)
         return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux
+
+    def _update_selection_bias(self, aux: dict, deterministic: bool) -> None:
+        """After a training forward pass, move the selection bias one step (see
+        routing.update_selection_bias). Functional training loops must carry the updated
+        RouterBias state out of the step (it is not a Param)."""
+        cfg = self.config
+        if self.selection_bias is None or deterministic:
+            return
+        aux["null_bias"] = self.selection_bias[...][-1] if cfg.router == "null" else jnp.zeros(())
+        self.selection_bias[...] = routing.update_selection_bias(
+            self.selection_bias[...],
+            expert_load=aux["expert_load"],
+            null_ratio=aux["null_ratio"],
+            target_null_ratio=1.0 - cfg.density,
+            expert_rate=cfg.bias_update_rate,
+            null_rate=cfg.null_bias_update_rate,
+        )
 
     def _routed(self, xt: jax.Array, r: routing.Routing, t: int, *, train: bool) -> jax.Array:
         cfg = self.config

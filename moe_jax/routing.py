@@ -30,6 +30,34 @@ def _zeros_t(t: int) -> jax.Array:
     return jnp.zeros((t,), jnp.int32)
 
 
+def update_selection_bias(
+    bias: jax.Array,
+    *,
+    expert_load: jax.Array,
+    null_ratio: jax.Array | None,
+    target_null_ratio: float,
+    expert_rate: float,
+    null_rate: float,
+) -> jax.Array:
+    """One step of the aux-loss-free bias updates (no gradient), applied after a training step.
+
+    bias: [N] or [N+1] (last entry = null logit bias for the null router).
+    - per-expert balancing: b_i += expert_rate * sign(mean load - load_i), so an under-loaded
+      expert becomes easier to select;
+    - null-ratio controller: b_null -= null_rate * sign(null_ratio - target), so too many null
+      picks make the null logit harder to select. It holds the realized null ratio at 1 - rho
+      and decouples "how many experts" from "which experts".
+    """
+    n = expert_load.shape[0]
+    out = bias
+    if expert_rate > 0:
+        step = expert_rate * jnp.sign(jnp.mean(expert_load) - expert_load)  # [N]
+        out = out.at[:n].add(step.astype(out.dtype))
+    if null_rate > 0 and null_ratio is not None and bias.shape[0] == n + 1:
+        out = out.at[n].add(-null_rate * jnp.sign(null_ratio - target_null_ratio).astype(out.dtype))
+    return jax.lax.stop_gradient(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Null experts (arXiv 2601.15370), compact N+1 form.
 # ---------------------------------------------------------------------------------------------
@@ -40,6 +68,7 @@ def null_router(
     num_nulls: int,
     renormalize: bool = True,
     axis_name=None,
+    selection_bias: jax.Array | None = None,
 ) -> Routing:
     """Token choice over N real experts plus M null copies of one learned null logit.
 
@@ -52,26 +81,34 @@ def null_router(
          gets all-zero weights (routed output exactly 0; no 0/0).
     The gates depend on real logits only, so the task loss gives the null logit zero gradient;
     it learns through the balance and z losses.
+
+    selection_bias [N+1] (optional, no gradient) shifts the logits for *selection only*: the
+    aux-loss-free per-expert bias and the null-ratio controller's bias on the null logit. Gates,
+    probabilities and losses use the unbiased logits.
     """
     t, n_plus_1 = logits.shape
     n = n_plus_1 - 1
+    sel = logits if selection_bias is None else logits + jax.lax.stop_gradient(selection_bias)
     real = logits[:, :n]  # [T, N]
-    null = logits[:, n]  # [T]
+    null = sel[:, n]  # [T], selection value of each null copy
     log_m = math.log(num_nulls) if num_nulls > 0 else -jnp.inf
     null_ex = null + log_m  # [T], total logit of the M copies
     lse = jax.nn.logsumexp(jnp.concatenate([real, null_ex[:, None]], axis=1), axis=1)  # [T]
     p_real = jnp.exp(real - lse[:, None])  # [T, N]
     p_null = jnp.exp(null_ex - lse)  # [T], mass of all M copies together
 
-    n_above = jnp.sum(real > null[:, None], axis=1)  # [T]
+    sel_real = sel[:, :n]  # [T, N]
+    n_above = jnp.sum(sel_real > null[:, None], axis=1)  # [T]
     r = jnp.minimum(top_k, n_above)
     r = jnp.maximum(r, top_k - num_nulls)  # only M null copies exist
-    top_vals, top_idx = jax.lax.top_k(real, top_k)  # [T, K]
+    _, top_idx = jax.lax.top_k(sel_real, top_k)  # [T, K]
+    top_vals = jnp.take_along_axis(real, top_idx, axis=1)  # [T, K] unbiased logits
     keep = jnp.arange(top_k)[None, :] < r[:, None]  # [T, K]
     expert_ids = jnp.where(keep, top_idx, n).astype(jnp.int32)
 
     if renormalize:
-        e = jnp.where(keep, jnp.exp(top_vals - top_vals[:, :1]), 0.0)  # [T, K]
+        shift = jax.lax.stop_gradient(jnp.max(top_vals, axis=1, keepdims=True))
+        e = jnp.where(keep, jnp.exp(top_vals - shift), 0.0)  # [T, K]
         den = jnp.sum(e, axis=1, keepdims=True)
         weights = e / jnp.where(den > 0, den, 1.0)
     else:
@@ -128,12 +165,18 @@ def topk_router(
     renormalize: bool = True,
     capacity: int | None = None,
     axis_name=None,
+    selection_bias: jax.Array | None = None,
 ) -> Routing:
     """Token choice top-k (Switch when K=1). Optional capacity drops lowest-priority pairs
-    (all first choices before any second choice, higher probability first)."""
+    (all first choices before any second choice, higher probability first). selection_bias [N]
+    (aux-loss-free balancing) shifts selection only; gates use the unbiased probabilities."""
     t, n = logits.shape
     probs = jax.nn.softmax(logits, axis=1)  # [T, N]
-    top_p, top_idx = jax.lax.top_k(probs, top_k)  # [T, K]
+    if selection_bias is None:
+        top_p, top_idx = jax.lax.top_k(probs, top_k)  # [T, K]
+    else:
+        _, top_idx = jax.lax.top_k(logits + jax.lax.stop_gradient(selection_bias), top_k)
+        top_p = jnp.take_along_axis(probs, top_idx, axis=1)  # [T, K]
     expert_ids = top_idx.astype(jnp.int32)
     dropped = _zeros_t(t)
     if capacity is not None:
@@ -199,8 +242,11 @@ def expert_choice_router(logits: jax.Array, *, capacity: int) -> Routing:
     return Routing(ids, weights, jnp.zeros((), jnp.float32), z, _zeros_t(t), _zeros_t(t))
 
 
-def route(logits: jax.Array, cfg, *, train: bool = True, axis_name=None) -> Routing:
-    """Dispatch to the router named by cfg.router (cfg: MoEConfig). logits: [T, N(+1)]."""
+def route(
+    logits: jax.Array, cfg, *, train: bool = True, axis_name=None, selection_bias=None
+) -> Routing:
+    """Dispatch to the router named by cfg.router (cfg: MoEConfig). logits: [T, N(+1)];
+    selection_bias [N(+1)] or None (null and top-k routers)."""
     t = logits.shape[0]
     logits = logits.astype(jnp.dtype(cfg.router_dtype))
     if cfg.router == "null":
@@ -210,6 +256,7 @@ def route(logits: jax.Array, cfg, *, train: bool = True, axis_name=None) -> Rout
             num_nulls=cfg.num_nulls,
             renormalize=cfg.renormalize,
             axis_name=axis_name,
+            selection_bias=selection_bias,
         )
     if cfg.router in ("topk", "switch"):
         return topk_router(
@@ -218,6 +265,7 @@ def route(logits: jax.Array, cfg, *, train: bool = True, axis_name=None) -> Rout
             renormalize=cfg.renormalize and cfg.router == "topk",
             capacity=cfg.expert_capacity(t, train=train),
             axis_name=axis_name,
+            selection_bias=selection_bias,
         )
     if cfg.router == "threshold":
         return threshold_router(
