@@ -68,16 +68,23 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def fit_tile(tile: int, size: int, backend: str, *, interpret: bool = False) -> int:
+def fit_tile(
+    tile: int, size: int, backend: str, *, interpret: bool = False, divisor: bool = False
+) -> int:
     """Shrink `tile` to the padded extent of a dimension of length `size`.
 
     TPU tiles stay multiples of 128: every tile dimension is a lane dimension somewhere (tgmm
     transposes the row tile onto lanes). In interpret mode there is no layout constraint, so
-    multiples of 8 are allowed (lets small tests cover several tiles). Triton tiles are powers
-    of two, at least 16 (the smallest tl.dot operand).
+    multiples of 8 are allowed (lets small tests cover several tiles). With divisor=True (a
+    contraction tile, which must not read past the array) a tile that divides the aligned size
+    is preferred if it is at least half the requested one, so no padding copy is needed. Triton
+    tiles are powers of two, at least 16 (the smallest tl.dot operand).
     """
     size = max(size, 1)
     if backend == "tpu":
         align = 8 if interpret else 128
-        return min(_round_up(tile, align), _round_up(size, align))
+        size_p = _round_up(size, align)
+        tile = min(_round_up(tile, align), size_p)
+        candidates = range(tile, (tile - 1) // 2, -align) if divisor else ()
+        return next((c for c in candidates if size_p % c == 0), tile)
     return max(16, min(_next_pow2(tile), _next_pow2(size)))

@@ -15,7 +15,9 @@ Design (see schedule.py for the visit tables):
    exactly by the visit that owns it, and rows past sum(group_sizes) read exactly 0.
 5. Inactive gmm visits (row tiles holding no local row) skip the matmul and only store zeros;
    empty tgmm groups store a zero block. Compute follows the real rows, not R.
-Inputs are zero-padded to whole tiles (a copy only when a dimension is not a tile multiple).
+Ragged last blocks (R, F or D not tile multiples) are left to Pallas: the rows and columns
+they read past the array only reach output entries that are dropped. The one exception is the
+gmm contraction, which is zero-padded (a copy) when no 128-multiple tile divides it.
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ def gmm(
     num_groups = rhs.shape[0]
     n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm = fit_tile(block_sizes.tm, num_rows, "tpu", interpret=interpret)
-    tk = fit_tile(block_sizes.tk, k_dim, "tpu", interpret=interpret)
+    tk = fit_tile(block_sizes.tk, k_dim, "tpu", interpret=interpret, divisor=True)
     tn = fit_tile(block_sizes.tn, n_dim, "tpu", interpret=interpret)
-    rows_p, k_p, n_p = _round_up(num_rows, tm), _round_up(k_dim, tk), _round_up(n_dim, tn)
-    lhs = _pad_to(lhs, (rows_p, k_p))  # [Rp, Dp]
-    rhs = _pad_to(rhs, (num_groups, n_p, k_p) if transpose_rhs else (num_groups, k_p, n_p))
+    # Ragged last row / column blocks are fine (their extra rows and columns are never stored),
+    # but the contraction must not read past D: zero-pad it when tk does not divide D.
+    k_p = _round_up(k_dim, tk)
+    lhs = _pad_to(lhs, (num_rows, k_p))  # [R, Dp]
+    rhs = _pad_to(rhs, (num_groups, n_dim, k_p) if transpose_rhs else (num_groups, k_p, n_dim))
     k_tiles = k_p // tk
     sched = make_schedule(
         group_sizes, group_offset, num_groups=num_groups, num_rows=num_rows, tm=tm, order="gmm"
@@ -138,10 +142,10 @@ def gmm(
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows_p, n_p), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=7,
-            grid=(n_p // tn, num_v, k_tiles),
+            grid=(pl.cdiv(n_dim, tn), num_v, k_tiles),
             in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
             out_specs=pl.BlockSpec((tm, tn), out_map),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
@@ -152,7 +156,7 @@ def gmm(
         interpret=interpret,
         name="gmm_tpu",
     )(*sched, lhs, rhs)
-    return out[:num_rows, :n_dim]  # [R, F]
+    return out  # [R, F]
 
 
 def _tgmm_kernel(
@@ -218,9 +222,8 @@ def tgmm(
     tm = fit_tile(block_sizes.tm, num_rows, "tpu", interpret=interpret)
     tk = fit_tile(block_sizes.tk, d_dim, "tpu", interpret=interpret)
     tn = fit_tile(block_sizes.tn, f_dim, "tpu", interpret=interpret)
-    rows_p, d_p, f_p = _round_up(num_rows, tm), _round_up(d_dim, tk), _round_up(f_dim, tn)
-    lhs = _pad_to(lhs, (rows_p, d_p))  # [Rp, Dp]
-    grad = _pad_to(grad, (rows_p, f_p))  # [Rp, Fp]
+    # No padding: rows are the contraction but every row is selected by its group bounds, and
+    # the ragged last D / F blocks hold output entries that are never stored.
     sched = make_schedule(
         group_sizes, group_offset, num_groups=num_groups, num_rows=num_rows, tm=tm, order="tgmm"
     )
@@ -237,10 +240,10 @@ def tgmm(
 
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, num_v=num_v),
-        out_shape=jax.ShapeDtypeStruct((num_groups, d_p, f_p), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((num_groups, d_dim, f_dim), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=7,
-            grid=(d_p // tk, f_p // tn, num_v),
+            grid=(pl.cdiv(d_dim, tk), pl.cdiv(f_dim, tn), num_v),
             in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
             out_specs=pl.BlockSpec((None, tk, tn), out_map),
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
@@ -251,4 +254,4 @@ def tgmm(
         interpret=interpret,
         name="tgmm_tpu",
     )(*sched, lhs, grad)
-    return out[:, :d_dim, :f_dim]  # [G, D, F]
+    return out  # [G, D, F]
