@@ -1,0 +1,200 @@
+"""Expert-parallel MoE forward: route, exchange real rows, local experts, exchange back, combine.
+
+Everything below runs inside ONE ``jax.shard_map`` over the ("data", "expert") mesh. Per shard:
+  1. route its own T_loc tokens (logits come in token-split; balance counts and statistics are
+     psum'd over the mesh, so lb_scope="global" is the loss of the global batch);
+  2. sort its (token, slot) pairs by expert id, nulls last (dispatch.make_plan). Experts are
+     owned in contiguous blocks of N_loc = N / EP, so the rows for destination j are one
+     contiguous run of the sorted buffer; null slots are never in it;
+  3. copy at most Cb rows per destination into a [EP, Cb, D] send buffer (Cb from
+     MeshConfig.buffer_factor; rows past Cb overflow: they are not sent, contribute 0 to their
+     token and are counted). The per-expert counts of what was sent travel with it ([EP, N_loc]
+     ints);
+  4. exchange over the "expert" axis: ragged_all_to_all moves only the real rows (TPU/GPU); the
+     padded all_to_all moves the whole fixed buffer (CPU, where the ragged collective is not
+     implemented). Both deliver the same [EP sources, Cb, D] layout;
+  5. scatter received rows into local-expert order (an O(rows) permutation computed from the
+     counts, no sort), run the expert FFN over the N_loc local experts with local group_sizes
+     (the backend interface is unchanged), gather results back to the received layout;
+  6. exchange back along the same routes and scatter-add (weight x output) into the tokens.
+Capacity routers (threshold, capped top-k, expert choice) apply capacity per shard, with
+T = T_loc, exactly as XMoE does with its local batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_jax import dispatch, experts, parallel, routing
+
+_EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+
+
+def _exchange(buf: jax.Array, send_sizes: jax.Array, recv_sizes: jax.Array, kind: str):
+    """Send block j of buf [EP, Cb, ...] to expert-shard j; return [EP, Cb, ...] with block i
+    from shard i. Rows past the sizes are zero on both sides."""
+    if kind == "padded":
+        return jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)
+    ep, cb = buf.shape[:2]
+    flat = buf.reshape(ep * cb, *buf.shape[2:])  # [EP*Cb, ...]
+    me = jax.lax.axis_index("expert")
+    out = _ragged_all_to_all(
+        flat,
+        jnp.zeros_like(flat),
+        (jnp.arange(ep) * cb).astype(jnp.int32),  # where block j starts in my buffer
+        send_sizes.astype(jnp.int32),
+        jnp.full((ep,), me * cb, jnp.int32),  # where my block lands in every receiver
+        recv_sizes.astype(jnp.int32),
+        axis_name="expert",
+    )
+    return out.reshape(buf.shape)
+
+
+_ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can substitute it
+
+
+def _local_layout(recv_counts: jax.Array, cb: int):
+    """Positions of received rows in local-expert order, and local group sizes.
+
+    recv_counts [EP, N_loc]: rows from source i for local expert e; each source's block is
+    sorted by expert. Row c of block i belongs to expert e = #{ends_i <= c}; its position is
+    (rows of experts < e) + (rows of e from sources < i) + (c - start of e in block i).
+    Padding rows get position EP*Cb (out of range: dropped by scatter, filled by gather)."""
+    ep, n_loc = recv_counts.shape
+    group_sizes = jnp.sum(recv_counts, axis=0)  # [N_loc]
+    group_start = jnp.cumsum(group_sizes) - group_sizes  # [N_loc]
+    src_off = jnp.cumsum(recv_counts, axis=0) - recv_counts  # [EP, N_loc]
+    ends = jnp.cumsum(recv_counts, axis=1)  # [EP, N_loc]
+    starts = ends - recv_counts
+    c = jnp.arange(cb)
+    e = jnp.sum(ends[:, None, :] <= c[None, :, None], axis=-1)  # [EP, Cb]
+    e_c = jnp.minimum(e, n_loc - 1)
+    pick = lambda a: jnp.take_along_axis(a, e_c, axis=1)  # [EP, N_loc] -> [EP, Cb]
+    pos = group_start[e_c] + pick(src_off) + c[None, :] - pick(starts)  # [EP, Cb]
+    return jnp.where(e < n_loc, pos, ep * cb), group_sizes
+
+
+def _routed(xt, r: routing.Routing, w: dict, cfg, cb: int, ep: int, kind: str):
+    """Steps 2-6 for one shard. xt [T, D] local tokens. Returns y [T, D], rows sent, overflow."""
+    t, d = xt.shape
+    n = cfg.num_experts
+    n_loc = n // ep
+    cdt = jnp.dtype(cfg.dtype)
+    with jax.named_scope("dispatch"):
+        plan = dispatch.make_plan(r.expert_ids, r.weights, n)  # sorted rows, nulls last
+        sizes = plan.group_sizes.reshape(ep, n_loc)  # [EP, N_loc] rows per destination expert
+        dest_total = jnp.sum(sizes, axis=1)  # [EP]
+        dest_start = jnp.cumsum(dest_total) - dest_total  # [EP]
+        sent = jnp.minimum(dest_total, cb)  # [EP]
+        c = jnp.arange(cb)
+        valid = c[None, :] < sent[:, None]  # [EP, Cb]
+        srow = jnp.where(valid, dest_start[:, None] + c[None, :], 0)  # [EP, Cb] sorted row
+        tok = plan.token_idx[srow]  # [EP, Cb] source token
+        xbuf = jnp.where(valid[..., None], xt.astype(cdt)[tok], jnp.zeros((), cdt))  # [EP, Cb, D]
+        ends = jnp.cumsum(sizes, axis=1)  # [EP, N_loc]
+        kept = jnp.clip(ends, 0, cb) - jnp.clip(ends - sizes, 0, cb)  # [EP, N_loc] sent counts
+    with jax.named_scope("exchange"):
+        recv_counts = jax.lax.all_to_all(kept, "expert", 0, 0, tiled=True)  # [EP, N_loc]
+        recv_sizes = jnp.sum(recv_counts, axis=1)  # [EP]
+        xrecv = _exchange(xbuf, sent, recv_sizes, kind)  # [EP, Cb, D]
+    with jax.named_scope("experts"):
+        pos, group_sizes = _local_layout(recv_counts, cb)  # [EP, Cb], [N_loc]
+        flat_pos = pos.reshape(-1)  # [EP*Cb]
+        xs = jnp.zeros((ep * cb, d), cdt).at[flat_pos].add(xrecv.reshape(-1, d), mode="drop")
+        ys = experts.expert_ffn(
+            xs,
+            group_sizes,
+            w["w_in"].astype(cdt),
+            w["w_out"].astype(cdt),
+            w_gate=w["w_gate"].astype(cdt) if "w_gate" in w else None,
+            b_in=w.get("b_in"),
+            b_out=w.get("b_out"),
+            activation=cfg.activation,
+            backend=cfg.backend,
+        )  # [EP*Cb, D]; rows past sum(group_sizes) are never read
+        yrecv = jnp.take(ys, flat_pos, axis=0, mode="fill", fill_value=0).reshape(ep, cb, d)
+    with jax.named_scope("exchange_back"):
+        yback = _exchange(yrecv, recv_sizes, sent, kind)  # [EP, Cb, D]
+    with jax.named_scope("combine"):
+        wt = plan.weights[srow].astype(jnp.float32)  # [EP, Cb]
+        contrib = jnp.where(valid[..., None], yback.astype(jnp.float32) * wt[..., None], 0.0)
+        y = jnp.zeros((t, d), jnp.float32).at[tok.reshape(-1)].add(contrib.reshape(-1, d))
+    overflow = jnp.sum(dest_total - sent)
+    return y.astype(cdt), jnp.sum(sent), overflow
+
+
+def _shard_fn(xt, logits, modality, sel_bias, w, *, cfg, train, cb, ep, kind):
+    from moe_jax.moe import _stats  # moe imports this module lazily; avoid a cycle
+
+    axes = parallel.BATCH_AXES
+    lb_axes = parallel.lb_axis_names(cfg) if cfg.lb_scope == "global" else None
+    with jax.named_scope("route"):
+        r = routing.route(logits, cfg, train=train, axis_name=lb_axes, selection_bias=sel_bias)
+    y, sent, overflow = _routed(xt, r, w, cfg, cb, ep, kind)
+    stats = _stats(cfg, r, modality, axes)
+    lb = jax.lax.pmean(r.lb_loss, axes)  # f is global already; this averages P over shards
+    z = jax.lax.pmean(r.z_loss, axes)
+    sent, overflow = jax.lax.psum((sent, overflow), axes)
+    real = sent + overflow
+    aux = {
+        "lb_loss": lb,
+        "z_loss": z,
+        "aux_loss": cfg.effective_lb_coef * lb + cfg.z_coef * z,
+        **stats,
+        "ep_overflow_fraction": overflow.astype(jnp.float32) / jnp.maximum(real, 1),
+        "ep_rows_sent": sent.astype(jnp.float32),
+    }
+    return y, aux
+
+
+def ep_forward(layer, x: jax.Array, modality, deterministic: bool):
+    """Expert-parallel forward of an MoE layer (layer.parallel set); same (y, aux) contract as
+    MoE.__call__ plus aux["ep_overflow_fraction"], aux["ep_rows_sent"] (global rows sent per
+    direction) and aux["ep_buffer_rows"] (global rows of send buffer per direction)."""
+    cfg = layer.config
+    ep: parallel.ExpertParallel = layer.parallel
+    ep.check(cfg, x.shape[0])
+    train = not deterministic
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, cfg.d_model)  # [T, D], batch-major, so the token split follows the batch
+    t_loc = xt.shape[0] // ep.num_shards
+    cb = parallel.buffer_rows(cfg, ep.config, t_loc, ep.expert_size, train=train)
+    with jax.named_scope("router_logits"):
+        logits = layer.router(xt.astype(jnp.dtype(cfg.router_dtype)))  # [T, N(+1)]
+    w = {k: getattr(layer, k)[...] for k in _EXPERT_WEIGHTS if getattr(layer, k) is not None}
+    mod = None if modality is None else modality.reshape(-1)  # [T]
+    tok, ew = parallel.spec("tokens"), parallel.spec("expert_weights")
+    sel = None if layer.selection_bias is None else layer.selection_bias[...]  # [N(+1)]
+    args = (xt, logits, mod, sel, w)
+    specs = (
+        tok,
+        tok,
+        None if mod is None else tok,
+        None if sel is None else P(),
+        {k: ew for k in w},
+    )
+    if any(a == jax.sharding.AxisType.Explicit for a in ep.mesh.axis_types):
+        args = jax.tree.map(
+            lambda a, s: jax.sharding.reshard(a, NamedSharding(ep.mesh, s)), args, specs
+        )
+    fn = functools.partial(
+        _shard_fn, cfg=cfg, train=train, cb=cb, ep=ep.expert_size, kind=ep.exchange_kind()
+    )
+    # Interpret-mode Pallas kernels and the tiled backend's while loop (its carry starts as an
+    # unvarying zeros array) do not type-check under device-variance checking; without it the
+    # values and gradients still equal one device (tests/test_parallel.py covers "tiled").
+    check_vma = experts.resolve_backend(cfg.backend) not in ("pallas", "tiled")
+    y, aux = jax.shard_map(
+        fn, mesh=ep.mesh, in_specs=specs, out_specs=(tok, P()), check_vma=check_vma
+    )(*args)
+    aux["ep_buffer_rows"] = jnp.asarray(ep.num_shards * ep.expert_size * cb, jnp.float32)
+    if layer.shared is not None:
+        with jax.named_scope("shared_expert"):
+            y = y + layer.shared(xt).astype(y.dtype)
+    layer._update_selection_bias(aux, deterministic)  # aux statistics are global already
+    return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux

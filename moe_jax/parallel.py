@@ -1,0 +1,322 @@
+"""Meshes, partition specs by name, multi-host setup and the expert-parallel MoE entry point.
+
+Mesh axes are fixed: ``data`` (batch) and ``expert`` (experts; tokens are split over it too).
+Tokens are split over ("data", "expert"), expert weights over "expert" on the N axis, and the
+router and shared expert are replicated. The expert-parallel forward itself lives in
+``moe_jax.ep`` and runs inside one ``jax.shard_map``; a layer opts in with
+``MoE(cfg, rngs=..., parallel=ExpertParallel(mesh))`` or ``parallel.enable(model, ep)``.
+
+Multi-host: call ``init_distributed()`` once per process before anything else touches jax
+(coordinator address, process count and id from arguments or MOE_JAX_* env variables), build
+the same mesh everywhere, and feed each process its own rows (``process_rows``,
+``global_batch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "expert")
+BATCH_AXES = ("data", "expert")  # tokens (leading batch axis) are split over both mesh axes
+EXCHANGES = ("auto", "ragged", "padded")
+
+# Partition specs, declared once and looked up by name.
+SPECS: dict[str, P] = {
+    "tokens": P(BATCH_AXES),  # [B, ...] or [T, ...]: split over every mesh axis
+    "expert_weights": P("expert"),  # [N, ...]: each expert shard owns N / expert experts
+    "replicated": P(),  # router, shared expert, everything dense
+}
+# Which parameters get which spec, by the parameter's own name (the last key of its path).
+# Everything not listed is "replicated". FSDP of dense weights would add a spec (e.g.
+# "fsdp": P(None, "data")) and rules here; nothing else needs to change.
+PARAM_RULES: dict[str, str] = {
+    "w_in": "expert_weights",
+    "w_gate": "expert_weights",
+    "w_out": "expert_weights",
+    "b_in": "expert_weights",
+    "b_out": "expert_weights",
+}
+
+
+def spec(name: str) -> P:
+    """Partition spec by name ("tokens", "expert_weights", "replicated")."""
+    if name not in SPECS:
+        raise ValueError(f"unknown partition spec {name!r}; known: {sorted(SPECS)}")
+    return SPECS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape and expert-parallel exchange settings.
+
+    buffer_factor sizes the fixed per-destination buffer of the padded exchange (and the receive
+    window of the ragged one): rows = ceil(factor * E_rows / expert) per (source, destination)
+    pair, with E_rows the expected real rows a shard routes (T_local * K * rho for the null
+    router, T_local * K for top-k, the capacity bound N * C for capacity routers), capped at the
+    worst case. None or "dropless" sizes it for the worst case, so nothing can overflow. Rows
+    that do not fit are not sent: they contribute 0 to their token and are counted in
+    aux["ep_overflow_fraction"].
+    """
+
+    data: int | None = -1  # data-parallel size; -1 / None = all devices / expert
+    expert: int = 1  # expert-parallel size; must divide N and the device count
+    buffer_factor: float | str | None = 2.0  # EP buffer over expected real rows; None = dropless
+    exchange: str = "auto"  # auto (ragged on TPU/GPU, padded on CPU) | ragged | padded
+
+    def __post_init__(self):
+        if self.data is not None and (
+            not isinstance(self.data, int) or (self.data < 1 and self.data != -1)
+        ):
+            raise ValueError(f"MeshConfig.data={self.data!r} is invalid: an integer >= 1, or -1")
+        if not isinstance(self.expert, int) or self.expert < 1:
+            raise ValueError(f"MeshConfig.expert={self.expert!r} is invalid: an integer >= 1")
+        bf = self.buffer_factor
+        if bf is not None and bf != "dropless" and (isinstance(bf, str) or not bf > 0):
+            raise ValueError(
+                f"MeshConfig.buffer_factor={bf!r} is invalid: a number > 0, None or 'dropless'"
+            )
+        if self.exchange not in EXCHANGES:
+            raise ValueError(
+                f"MeshConfig.exchange={self.exchange!r} is invalid: one of {EXCHANGES}"
+            )
+
+    @property
+    def dropless(self) -> bool:
+        return self.buffer_factor in (None, "dropless")
+
+    def shape(self, num_devices: int) -> tuple[int, int]:
+        """(data, expert) for `num_devices` devices; raises if they do not match."""
+        if num_devices % self.expert:
+            raise ValueError(
+                f"MeshConfig.expert={self.expert} does not divide the device count {num_devices}"
+            )
+        data = num_devices // self.expert if self.data in (None, -1) else self.data
+        if data * self.expert != num_devices:
+            raise ValueError(
+                f"mesh data x expert = {data} x {self.expert} = {data * self.expert} does not "
+                f"match the device count {num_devices}"
+            )
+        return data, self.expert
+
+
+def make_mesh(
+    config: MeshConfig | None = None,
+    *,
+    devices=None,
+    axis_types: tuple[AxisType, ...] = (AxisType.Auto, AxisType.Auto),
+) -> Mesh:
+    """A ("data", "expert") mesh over `devices` (default: all global devices).
+
+    Axis types are always passed explicitly; the default Auto lets jit reshard unplaced inputs.
+    With Explicit axes, the layer reshards its inputs itself before the shard_map.
+    """
+    config = config or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    if len(axis_types) != len(AXES):
+        raise ValueError(f"axis_types needs one entry per mesh axis {AXES}, got {axis_types}")
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """What an MoE layer needs to run expert-parallel: the mesh and the exchange settings.
+
+    Hashable (it is static structure of the layer, not a parameter)."""
+
+    mesh: Mesh
+    config: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        if tuple(self.mesh.axis_names) != AXES:
+            raise ValueError(
+                f"expert parallelism needs mesh axes {AXES}; got {tuple(self.mesh.axis_names)} "
+                "(build it with moe_jax.parallel.make_mesh)"
+            )
+
+    @property
+    def data_size(self) -> int:
+        return self.mesh.shape["data"]
+
+    @property
+    def expert_size(self) -> int:
+        return self.mesh.shape["expert"]
+
+    @property
+    def num_shards(self) -> int:
+        return self.data_size * self.expert_size
+
+    def check(self, moe_config, num_batch: int) -> None:
+        """Clear errors before any compute: N vs expert axis, batch vs data*expert, axes."""
+        n, ep = moe_config.num_experts, self.expert_size
+        if n % ep:
+            raise ValueError(
+                f"MoEConfig.num_experts={n} is not divisible by the mesh 'expert' axis ({ep})"
+            )
+        if num_batch % self.num_shards:
+            raise ValueError(
+                f"batch size {num_batch} is not divisible by data x expert = "
+                f"{self.data_size} x {ep} = {self.num_shards}"
+            )
+        lb_axes = lb_axis_names(moe_config)
+        unknown = [a for a in lb_axes if a not in AXES]
+        if unknown:
+            raise ValueError(
+                f"MoEConfig.lb_axis_name={moe_config.lb_axis_name!r} names axes {unknown} that "
+                f"are not mesh axes {AXES}"
+            )
+
+    def exchange_kind(self) -> str:
+        if self.config.exchange != "auto":
+            return self.config.exchange
+        platform = self.mesh.devices.flat[0].platform
+        return "ragged" if platform in ("tpu", "gpu", "cuda", "rocm") else "padded"
+
+
+def lb_axis_names(moe_config) -> tuple[str, ...]:
+    """Mesh axes the balance counts are summed over: lb_axis_name if set, else the whole mesh."""
+    names = moe_config.lb_axis_name
+    if names is None:
+        return BATCH_AXES
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def enable(model, ep: ExpertParallel | None):
+    """Turn expert parallelism on (or off with None) for every MoE layer inside `model`."""
+    from flax import nnx
+
+    from moe_jax.moe import MoE
+
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoE):
+            module.parallel = ep
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Placing parameters and batches.
+# ---------------------------------------------------------------------------------------------
+def param_spec(path: tuple, value) -> P:
+    """Spec for one parameter from its path (rules by the last key; scalars replicated)."""
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    names = [k for k in keys if isinstance(k, str) and k != "value"]
+    rule = PARAM_RULES.get(names[-1], "replicated") if names else "replicated"
+    if getattr(value, "ndim", 0) == 0:
+        rule = "replicated"
+    return spec(rule)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedSharding for every leaf of an nnx State (or any pytree of arrays)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: NamedSharding(mesh, param_spec(p, v)), state
+    )
+
+
+def shard_state(state, mesh: Mesh):
+    """Place an nnx State (or pytree) on the mesh: expert weights split, the rest replicated."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def shard_batch(x, mesh: Mesh):
+    """Place a global batch (every process holds all of it) split over ("data", "expert")."""
+    return jax.device_put(x, NamedSharding(mesh, spec("tokens")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host.
+# ---------------------------------------------------------------------------------------------
+def init_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+    timeout_s: int = 60,
+) -> bool:
+    """jax.distributed.initialize from arguments, else MOE_JAX_COORDINATOR /
+    MOE_JAX_NUM_PROCESSES / MOE_JAX_PROCESS_ID. Returns False (and does nothing) for a single
+    process. local_device_count sets the number of CPU devices per process (CPU only)."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("MOE_JAX_COORDINATOR")
+    if num_processes is None and "MOE_JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["MOE_JAX_NUM_PROCESSES"])
+    if process_id is None and "MOE_JAX_PROCESS_ID" in env:
+        process_id = int(env["MOE_JAX_PROCESS_ID"])
+    if local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", local_device_count)
+    if num_processes in (None, 1) and coordinator_address is None:
+        return False
+    if coordinator_address is None or num_processes is None or process_id is None:
+        raise ValueError(
+            "multi-process run needs coordinator_address, num_processes and process_id "
+            f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}); pass them or set "
+            "MOE_JAX_COORDINATOR, MOE_JAX_NUM_PROCESSES, MOE_JAX_PROCESS_ID"
+        )
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must lie in [0, num_processes={num_processes})")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+    )
+    return True
+
+
+def process_rows(global_batch: int, mesh: Mesh) -> slice:
+    """The rows of a [global_batch, ...] token-split batch that this process's devices own."""
+    sharding = NamedSharding(mesh, spec("tokens"))
+    idx = sharding.addressable_devices_indices_map((global_batch,))
+    bounds = sorted({s[0].indices(global_batch)[:2] for s in idx.values()})
+    start, stop = bounds[0][0], bounds[-1][1]
+    if any(a != prev_b for (_, prev_b), (a, _) in zip(bounds, bounds[1:])):
+        raise ValueError(
+            "this process's devices do not own a contiguous block of the batch; build the mesh "
+            "with make_mesh so that each process's devices are adjacent"
+        )
+    return slice(start, stop)
+
+
+def global_batch(local, mesh: Mesh, global_size: int):
+    """Assemble a global token-split array from each process's rows (see process_rows)."""
+    sharding = NamedSharding(mesh, spec("tokens"))
+    shape = (global_size, *np.shape(local)[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def expected_rows_per_token(moe_config, num_tokens: int, *, train: bool = True) -> float:
+    """E[real rows per token] that sizes the EP buffer (see MeshConfig)."""
+    cfg = moe_config
+    if cfg.router == "null":
+        return cfg.top_k * cfg.density
+    cap = cfg.expert_capacity(num_tokens, train=train)
+    if cfg.router in ("topk", "switch"):
+        k = cfg.top_k
+        return k if cap is None else min(k, cfg.num_experts * cap / num_tokens)
+    slots = cfg.num_experts  # threshold / expert choice: bounded by capacity only
+    return min(slots, cfg.num_experts * cap / num_tokens) if cap else slots
+
+
+def buffer_rows(moe_config, ep_config: MeshConfig, num_tokens: int, ep: int, *, train: bool):
+    """Static rows per (source, destination) pair of the exchange; see MeshConfig."""
+    cfg = moe_config
+    n_loc = cfg.num_experts // ep
+    cap = cfg.expert_capacity(num_tokens, train=train)
+    per_token = cfg.top_k if cfg.router in ("null", "topk", "switch") else cfg.num_experts
+    worst = num_tokens * min(per_token, n_loc)
+    if cap is not None:
+        worst = min(worst, n_loc * cap)
+    if ep_config.dropless:
+        return max(worst, 1)
+    expected = num_tokens * expected_rows_per_token(cfg, num_tokens, train=train) / ep
+    return max(1, min(worst, math.ceil(ep_config.buffer_factor * expected - 1e-9)))
