@@ -1,0 +1,21 @@
+"""Registers backend "pallas": kernels_pallas.gmm (Mosaic on TPU, Triton on GPU).
+
+On CPU the kernels run in Pallas interpret mode (slow; for tests). The kernels return exact
+zeros for rows past sum(group_sizes), and dispatch masks those rows again before the combine.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import kernels_pallas
+from moe_jax.experts import register_backend
+
+
+def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """lhs [R, D], rhs [G, D, F], group_sizes [G] -> [R, F] through the Pallas kernels."""
+    interpret = jax.default_backend() == "cpu"
+    return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret=interpret)
+
+
+register_backend("pallas", pallas_gmm)
