@@ -328,14 +328,20 @@ class Transformer(nnx.Module):
     def prefill(self, tokens: jax.Array, images: jax.Array | None, cache: list[dict]):
         """Run the prompt (patches + tokens) at positions 0.. and fill the cache.
         Returns (text logits [B, L, V], cache)."""
+        self._check_len(tokens.shape[1])
         x, modality = self._inputs(tokens, images)
+        if x.shape[1] > cache[0]["k"].shape[1]:
+            raise ValueError(f"prompt of {x.shape[1]} positions exceeds the cache length")
         positions = jnp.arange(x.shape[1])
         x, _, cache = self._run(x, modality, positions, True, cache, 0)
         return self._logits(x[:, self.cfg.num_patches :]), cache
 
     def decode_step(self, tokens: jax.Array, cache: list[dict], pos):
         """One text token per row at absolute position pos (P + text index; may be traced).
-        tokens [B, 1] -> (logits [B, 1, V], new cache)."""
+        tokens [B, 1] -> (logits [B, 1, V], new cache). A traced pos past the cache end is
+        not checked (the write would clamp): size the cache for the whole generation."""
+        if isinstance(pos, int) and pos + tokens.shape[1] > cache[0]["k"].shape[1]:
+            raise ValueError(f"pos={pos} is past the cache length {cache[0]['k'].shape[1]}")
         x = self.embed(tokens)  # [B, 1, D]
         modality = jnp.ones(tokens.shape, jnp.int32)
         positions = pos + jnp.arange(tokens.shape[1])
