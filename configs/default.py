@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "_".join([variant, *sorted(mods)])  # run name; default workdir ./workdir/<name>
     c.seed = 0  # parameter init and data shuffle seed
-    c.num_steps = 500  # optimizer steps in the run
+    c.num_steps = 400  # optimizer steps in the run
     c.fail_at_step = -1  # debug: poison the loss with NaN at this step (-1 = never; tests)
 
     c.model = m = ml_collections.ConfigDict()
@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.image_size = 32  # pixels per image side
     d.patch_size = 4  # pixels per patch side: (32/4)^2 = 64 vision tokens
     d.text_len = 24  # text tokens per row
-    d.batch_size = 32  # global batch
+    d.batch_size = 16  # global batch (sequences of 64 patch + 24 text tokens)
     d.n_eval = 256  # held-out records for the eval loop
     d.max_shapes = 3  # shapes per scene (1..5)
     d.num_workers = 0  # grain worker processes (0 = main process)
@@ -129,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.log = g = ml_collections.ConfigDict()
     g.every_steps = 10  # metrics to JSONL / TensorBoard every n steps
-    g.eval_every = 250  # run the held-out eval every n steps (0 = end only)
+    g.eval_every = 200  # run the held-out eval every n steps (0 = end only)
     g.eval_batches = 4  # batches per eval (0 = the whole held-out split)
     g.tensorboard = True  # also write TensorBoard scalars
     g.progress = True  # tqdm progress bar with loss and tokens/s

@@ -15,8 +15,9 @@ import time
 import numpy as np
 
 from moe_jax import data as data_lib
-from moe_jax import flops, plots
 from moe_jax import metrics as metrics_lib
+from moe_jax import model as model_lib
+from moe_jax import plots
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.train_config import TrainConfig
 from moe_jax.training import (
@@ -30,38 +31,16 @@ from moe_jax.training import (
 )
 
 
-def summary(cfg: TrainConfig, state) -> str:
-    """A few lines describing the run: model, MoE, parameter counts, data and optimizer."""
-    m, d, moe = cfg.model, cfg.data, cfg.moe
-    n_params = sum(int(np.prod(x.shape)) for x in _leaves(state["params"]))
-    lines = [
-        f"model: {m.mode}, D={m.d_model}, {m.n_layers} layers, heads {m.n_heads}/{m.n_kv_heads}, "
-        f"dense d_ff={m.d_ff}, vocab {m.vocab_size}, {m.num_patches} patch + {d.text_len} "
-        f"text tokens; {n_params / 1e6:.2f}M parameters",
-    ]
-    if moe is not None:
-        expert = flops.ffn_flops_per_token(moe.d_model, moe.d_ff, moe.activation) / 2
-        inactive = len(m.moe_layers) * (moe.num_experts - flops.expected_real_experts(moe)) * expert
-        null = f", rho={moe.density:.3g} (M={moe.num_nulls})" if moe.router == "null" else ""
-        lines.append(
-            f"moe: {moe.router} router in blocks {list(m.moe_layers)}, N={moe.num_experts} "
-            f"experts of d_ff={moe.d_ff}, K={moe.top_k}{null}, E[K]={flops.expected_real_experts(moe):.3g}, "
-            f"backend {moe.backend}; ~{(n_params - inactive) / 1e6:.2f}M active parameters/token"
-        )
-    else:
-        lines.append("moe: none (dense FFN in every block)")
-    tokens = d.batch_size * (m.num_patches + d.text_len)
-    lines.append(
-        f"data: {d.kind}, batch {d.batch_size} ({tokens} tokens/step); {cfg.num_steps} steps; "
-        f"AdamW lr {cfg.opt.lr:g} {cfg.opt.schedule}, warmup {cfg.opt.warmup_steps}"
+def summary(cfg: TrainConfig) -> str:
+    """The model summary (parameters, FLOPs) plus the data and optimizer settings."""
+    d, o = cfg.data, cfg.opt
+    tokens = d.batch_size * (cfg.model.num_patches + d.text_len)
+    backend = f", expert backend {cfg.moe.backend}" if cfg.moe is not None else ""
+    return (
+        f"{model_lib.format_summary(cfg.model)}\n"
+        f"data: {d.kind}, batch {d.batch_size} ({tokens} tokens/step){backend}; "
+        f"{cfg.num_steps} steps of AdamW lr {o.lr:g} ({o.schedule}, warmup {o.warmup_steps})"
     )
-    return "\n".join(lines)
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 class Loop:
@@ -94,7 +73,7 @@ class Loop:
             else:
                 start, state = restored
                 self.last_saved = start
-        print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg, state)}", flush=True)
+        print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg)}", flush=True)
         if start:
             print(f"resumed from the checkpoint at step {start}", flush=True)
         self.writer = metrics_lib.MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard)
@@ -132,6 +111,7 @@ class Loop:
             if pending is not None:
                 self._consume(*pending)
             self.ckpt.wait()
+            self.progress.close()  # the report below prints under a finished bar
             result = {"status": status, "step": step, "final_loss": self.final_loss}
             if status == "done":
                 result["eval"] = evaluate(cfg, graphdef, state)

@@ -104,8 +104,8 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, float | list[float]]) -> None:
-        row = {"step": int(step), **metrics}
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for tag, v in metrics.items():
@@ -124,6 +124,13 @@ class MetricWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_value(v):
+    """NaN / Inf -> None (JSON null): strict JSON that any reader parses."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -176,4 +183,6 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._bar.refresh()
             self._bar.close()
+            self._bar = None

@@ -275,3 +275,17 @@ def test_sigkill_then_restart_resumes_and_skips_corrupted_checkpoint(chain):
     assert [r["step"] for r in rows] == list(range(1, CHAIN_STEPS + 1))
     for name in ("loss.png", "null_ratio.png", "routing_heatmap.png"):
         assert os.path.exists(os.path.join(wd, name)), name
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_and_wsd_schedule_train(tmp_path):
+    cfg = smoke(
+        num_steps=4,
+        **{"opt.grad_accum": 2, "opt.schedule": "wsd", "opt.warmup_steps": 1, "log.plots": False},
+    )
+    result = training.run(cfg, str(tmp_path))
+    rows = rows_of(str(tmp_path))
+    assert result["status"] == "done" and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # wsd with 4 steps: warmup 1, stable 2, decay 1 (decay_fraction 0.2 rounds to 1).
+    assert [r["lr"] for r in rows][:3] == pytest.approx([0.0, cfg.opt.lr, cfg.opt.lr])
