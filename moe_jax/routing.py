@@ -203,7 +203,8 @@ def threshold_router(
 
     1. p = softmax(logits) in fp32; sort descending.
     2. keep rank j iff the mass ranked above it is < t (so the top expert is always kept, and
-       so is the one that crosses t).
+       so is the one that crosses t). t >= 1 keeps every expert: in fp32 the mass above a
+       tiny last probability can round to 1.0, which the strict test would wrongly drop.
     3. capacity C per expert; priority (R - rank + 1) + p with R the most experts any token
        picked, so every first choice beats every second choice; each expert keeps its top-C.
     4. combine with the raw probabilities (no renormalization); Switch loss on top-1 choices.
@@ -213,7 +214,7 @@ def threshold_router(
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # [T, N]
     sp, si = jax.lax.top_k(probs, n)  # [T, N] sorted descending
     mass_above = jnp.cumsum(sp, axis=1) - sp
-    selected = mass_above < threshold  # [T, N]
+    selected = (mass_above < threshold) | (threshold >= 1.0)  # [T, N]
     n_sel = jnp.sum(selected, axis=1)
     most = jnp.max(n_sel)  # R
     rank = jnp.arange(1, n + 1)[None, :]
