@@ -3,7 +3,10 @@
 Expected real experts per token E[K]:
 - null: K * rho (a soft target met on average through the balance loss);
 - topk / switch: K;
-- threshold: data-dependent; the capacity bound min(N, gamma) is reported as the upper bound;
+- threshold: data-dependent; the capacity bound min(N, gamma) is reported as the upper bound.
+  At t = 1.0 every expert is selected, so min(N, gamma) is the value itself: N when gamma >= N,
+  i.e. dense compute (XMoE's dense-to-sparse recipe trains this way and lowers t_eval at
+  inference; the recipe is our reconstruction of the paper's procedure, see moe_jax.sweep);
 - expert_choice: the capacity factor c (N experts each take T*c/N tokens).
 """
 
@@ -23,21 +26,25 @@ def router_flops_per_token(cfg: MoEConfig) -> float:
     return 2.0 * cfg.d_model * cfg.num_router_logits
 
 
-def expected_real_experts(cfg: MoEConfig) -> float:
-    """E[K], the expected number of real experts a token is computed by."""
+def expected_real_experts(cfg: MoEConfig, *, train: bool = True) -> float:
+    """E[K], the expected number of real experts a token is computed by (train or eval knobs).
+
+    Threshold router: N at t = 1.0 (dense compute), capped by the capacity bound gamma; below
+    t = 1.0 the same min(N, gamma) is only an upper bound (measure it: MoE aux real_per_token).
+    """
     if cfg.router == "null":
         return cfg.top_k * cfg.density
+    cf = cfg.capacity_for(train=train)
     if cfg.router in ("topk", "switch"):
-        return float(cfg.top_k)
-    cf = cfg.capacity_for(train=True)
-    if cfg.router == "threshold":
-        return float(min(cfg.num_experts, cf))
+        return float(cfg.top_k if cf is None else min(cfg.top_k, cf))
     return float(min(cfg.num_experts, cf))
 
 
-def moe_flops_per_token(cfg: MoEConfig, real_per_token: float | None = None) -> float:
+def moe_flops_per_token(
+    cfg: MoEConfig, real_per_token: float | None = None, *, train: bool = True
+) -> float:
     """Router + E[K] (or a measured real_per_token) experts + shared expert, per token."""
-    k = expected_real_experts(cfg) if real_per_token is None else float(real_per_token)
+    k = expected_real_experts(cfg, train=train) if real_per_token is None else float(real_per_token)
     total = router_flops_per_token(cfg) + k * ffn_flops_per_token(
         cfg.d_model, cfg.d_ff, cfg.activation
     )
