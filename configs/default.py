@@ -169,7 +169,8 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 2, 1
     c.model.d_ff = 64
     c.moe.d_ff = 32 if c.moe.router != "threshold" else 8
-    c.moe.num_experts = 4 if c.moe.router != "threshold" else 8
+    # N >= K: the null router's compact top-K runs over the N real logits.
+    c.moe.num_experts = 8 if c.moe.router == "threshold" else max(4, c.moe.top_k)
     c.data.image_size, c.data.patch_size, c.data.text_len = 16, 4, 16
     c.data.batch_size, c.data.n_eval, c.data.max_shapes = 8, 16, 1
     c.opt.lr, c.opt.warmup_steps = 1e-2, 5

@@ -191,6 +191,11 @@ def from_config_dict(cfg) -> TrainConfig:
     if "d_model" not in m:
         raise ValueError("config.model.d_model is missing")
     moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
+    if moe is not None and moe.router in ("null", "topk") and moe.top_k > moe.num_experts:
+        # The routers take their top-K over the N real logits (routing.null_router).
+        raise _field_error(
+            "moe.top_k", moe.top_k, f"must be <= config.moe.num_experts={moe.num_experts}"
+        )
     model = _build(
         "model",
         ModelConfig,

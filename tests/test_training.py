@@ -137,6 +137,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
         ({"data.patch_size": 5}, r"config\.data\.image_size"),
         ({"model.mode": "lm"}, r"config\.model\.mode"),
         ({"ckpt.keep": 0}, r"config\.ckpt\.keep"),
+        ({"moe.top_k": 8, "moe.rho": 0.25}, r"config\.moe\.top_k"),
     ],
 )
 def test_invalid_value_rejected_before_compilation(tmp_path, overrides, pattern):
