@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.renormalize = True  # renormalize gates over the selected real experts (null/topk)
     e.lb_coef = placeholder(float)  # balance loss coefficient; None = router default
     e.z_coef = 1e-3  # router z-loss coefficient
+    e.bias_update_rate = 0.0  # u of aux-loss-free per-expert selection bias (0 = off)
+    e.null_bias_update_rate = 0.0  # u of the null-ratio controller on the null logit (0 = off)
     e.backend = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
     e.router_dtype = "float32"  # router logits/softmax dtype
 

@@ -96,11 +96,12 @@ def _init_params(model_cfg: model_lib.ModelConfig, seed: int):
 
 
 def _forward(graphdef, params, rest, batch, deterministic: bool):
-    """Task loss, its target count, and the model's aux (MoE losses and statistics)."""
-    model = nnx.merge(graphdef, params, rest)
+    """Task loss, its target count, the model's aux (MoE losses and statistics), and the
+    non-parameter state after the pass (e.g. router selection biases a training pass moves)."""
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
     logits, aux = model(batch["tokens"], batch.get("image"), deterministic=deterministic)
     loss, count = model_lib.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return loss, count, aux
+    return loss, count, aux, nnx.state(model, nnx.Not(nnx.Param))
 
 
 @functools.partial(
@@ -115,41 +116,40 @@ def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec)
     """
     step = state["step"] + 1  # the step being taken, 1-based
 
-    def loss_fn(params, micro):
-        loss, _, aux = _forward(graphdef, params, state["rest"], micro, False)
+    def loss_fn(params, rest, micro):
+        loss, _, aux, rest = _forward(graphdef, params, rest, micro, False)
         loss = jnp.where(step == fail_at, jnp.nan, loss)  # fault injection (tests)
-        return loss + aux["aux_loss"], {
-            "loss": loss,
-            "aux_loss": aux["aux_loss"],
-            "moe": aux["moe"],
-        }
+        m = {"loss": loss, "aux_loss": aux["aux_loss"], "moe": aux["moe"]}
+        return loss + aux["aux_loss"], (m, rest)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     a = spec.grad_accum
     if a == 1:
-        (_, m), grads = grad_fn(state["params"], batch)
+        (_, (m, rest)), grads = grad_fn(state["params"], state["rest"], batch)
     else:
         micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
 
         def body(carry, mb):
-            (_, m), g = grad_fn(state["params"], mb)
-            return jax.tree.map(jnp.add, carry, (g, m)), None
+            sums, rest = carry  # non-parameter state is threaded through the micro-batches
+            (_, (m, rest)), g = grad_fn(state["params"], rest, mb)
+            return (jax.tree.map(jnp.add, sums, (g, m)), rest), None
 
-        (_, m0), g0 = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro))
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, (m0, _)), g0 = jax.eval_shape(grad_fn, state["params"], state["rest"], first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
-        (grads, m), _ = jax.lax.scan(body, zeros, micro)
+        ((grads, m), rest), _ = jax.lax.scan(body, (zeros, state["rest"]), micro)
         grads, m = jax.tree.map(lambda x: x / a, (grads, m))
     updates, opt_state = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     m = {**m, "grad_norm": optax.global_norm(grads), "lr": schedule(step - 1)}
-    new_state = {**state, "params": params, "opt": opt_state, "step": step}
+    new_state = {**state, "params": params, "rest": rest, "opt": opt_state, "step": step}
     return new_state, m
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def eval_step(params, rest, batch, *, graphdef):
     """Summed task loss, target count and MoE statistics of one held-out batch."""
-    loss, count, aux = _forward(graphdef, params, rest, batch, True)
+    loss, count, aux, _ = _forward(graphdef, params, rest, batch, True)
     return {"loss_sum": loss * count, "count": count, "moe": aux["moe"]}
 
 

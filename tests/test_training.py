@@ -279,10 +279,18 @@ def test_sigkill_then_restart_resumes_and_skips_corrupted_checkpoint(chain):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_and_wsd_schedule_train(tmp_path):
+def test_gradient_accumulation_wsd_and_router_bias_state(tmp_path):
+    """grad_accum=2 with the null-ratio controller on: the selection bias (non-parameter
+    state moved by each training pass) is threaded through micro-batches and carried out."""
     cfg = smoke(
         num_steps=4,
-        **{"opt.grad_accum": 2, "opt.schedule": "wsd", "opt.warmup_steps": 1, "log.plots": False},
+        **{
+            "opt.grad_accum": 2,
+            "opt.schedule": "wsd",
+            "opt.warmup_steps": 1,
+            "log.plots": False,
+            "moe.null_bias_update_rate": 0.05,
+        },
     )
     result = training.run(cfg, str(tmp_path))
     rows = rows_of(str(tmp_path))
@@ -290,3 +298,8 @@ def test_gradient_accumulation_and_wsd_schedule_train(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
     # wsd with 4 steps: warmup 1, stable 2, decay 1 (decay_fraction 0.2 rounds to 1).
     assert [r["lr"] for r in rows][:3] == pytest.approx([0.0, cfg.opt.lr, cfg.opt.lr])
+    # The metric is the mean over the 2 micro-batches of the bias each one routed with; the
+    # bias moves by u = 0.05 per pass, so |mean| > u/2 only if it was carried across steps.
+    biases = [r["null_bias/layer0"] for r in rows]
+    assert abs(biases[0]) == pytest.approx(0.025), biases
+    assert any(abs(b) > 0.03 for b in biases[1:]), biases
