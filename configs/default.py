@@ -21,6 +21,7 @@ Launch:
   python train.py --config=configs/default.py:smoke --workdir=/tmp/smoke
   python train.py --config=configs/default.py:k8_rho025,smoke
   python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
+  python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
   tensorboard --logdir=./workdir
 """
 
@@ -98,6 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.null_bias_update_rate = 0.0  # u of the null-ratio controller on the null logit (0 = off)
     e.backend = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
     e.router_dtype = "float32"  # router logits/softmax dtype
+
+    c.mesh = x = ml_collections.ConfigDict()
+    x.expert = 0  # expert-parallel mesh axis size (divides N and the device count); 0 = off
+    x.data = -1  # data-parallel axis size; -1 = all devices / expert (used when expert > 0)
+    x.buffer_factor = 2.0  # EP send buffer over expected real rows; 0 = dropless (worst case)
+    x.exchange = "auto"  # EP row exchange: auto | ragged (TPU/GPU) | padded (any platform)
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "shapes"  # shapes | shapes_text | manifest | text

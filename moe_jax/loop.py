@@ -17,7 +17,7 @@ import numpy as np
 from moe_jax import data as data_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
-from moe_jax import plots
+from moe_jax import parallel, plots
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.train_config import TrainConfig
 from moe_jax.training import (
@@ -57,7 +57,11 @@ class Loop:
     def run(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         os.makedirs(self.workdir, exist_ok=True)
-        graphdef, state = init_state(cfg)
+        self.plain_graphdef, state = init_state(cfg)
+        graphdef, mesh = self.plain_graphdef, None
+        if cfg.mesh is not None:  # expert parallel: MoE layers run in one shard_map each
+            mesh = parallel.make_mesh(cfg.mesh)
+            graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
         self.ckpt = Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             every_steps=cfg.ckpt.every_steps,
@@ -88,6 +92,8 @@ class Loop:
             for step in range(start + 1, cfg.num_steps + 1):
                 batch = next(train_iter)
                 crc = _batch_crc(batch)
+                if mesh is not None:
+                    batch = parallel.shard_batch(batch, mesh)
                 state, m = train_step(state, batch, fail_at, **kw)
                 if pending is not None:
                     self._consume(*pending)
@@ -198,7 +204,7 @@ class Loop:
         cfg = self.cfg
         batch = next(iter(data_lib.make_dataset(cfg.data, "eval")))
         per_tok = plots.real_experts_per_token(
-            graphdef, (state["params"], state["rest"]), batch["tokens"], batch["image"]
+            self.plain_graphdef, (state["params"], state["rest"]), batch["tokens"], batch["image"]
         )  # [B, P+L]
         p = cfg.model.num_patches
         side = cfg.data.image_size // cfg.data.patch_size

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from moe_jax.config import MoEConfig
 from moe_jax.data import DataConfig, make_tokenizer
 from moe_jax.model import ModelConfig
+from moe_jax.parallel import MeshConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 # ModelConfig fields that come from the data section or the tokenizer, not from config.model.
@@ -113,6 +114,7 @@ class TrainConfig:
     opt: OptConfig
     ckpt: CkptConfig
     log: LogConfig
+    mesh: MeshConfig | None = None  # expert-parallel mesh; None = plain jit on one device
 
     @property
     def moe(self) -> MoEConfig | None:
@@ -157,7 +159,7 @@ def _fields(cls) -> tuple[str, ...]:
 def from_config_dict(cfg) -> TrainConfig:
     """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig."""
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    sections = ("model", "moe", "data", "opt", "ckpt", "log")
+    sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh")
     top = ("name", "seed", "num_steps", "fail_at_step")
     unknown = sorted(set(cfg) - set(sections) - set(top))
     if unknown:
@@ -233,7 +235,19 @@ def from_config_dict(cfg) -> TrainConfig:
             data.n_eval,
             f"must be >= config.data.batch_size={data.batch_size} to eval",
         )
+    mesh = None
+    x = dict(cfg.get("mesh") or {})
+    _check_keys("mesh", x, ("expert", "data", "buffer_factor", "exchange"))
+    if x.get("expert", 0):
+        if x.get("buffer_factor") == 0:
+            x["buffer_factor"] = None  # dropless
+        mesh = _build("mesh", MeshConfig, x, "MeshConfig")
+        if moe is None or moe.num_experts % mesh.expert:
+            raise _field_error(
+                "mesh.expert", mesh.expert, "needs an MoE model whose num_experts it divides"
+            )
     return TrainConfig(
+        mesh=mesh,
         name=str(cfg.get("name", "run")),
         seed=seed,
         num_steps=num_steps,

@@ -26,6 +26,7 @@ from flax import nnx
 from moe_jax import data as data_lib
 from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
+from moe_jax import parallel
 from moe_jax.train_config import OptConfig, TrainConfig, from_config_dict
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,20 @@ def make_optimizer(opt: OptConfig, num_steps: int):
     return tx, schedule
 
 
-def init_state(cfg: TrainConfig):
-    """(graphdef, state) for a fresh run; parameters are initialized under jax.jit."""
+def init_state(cfg: TrainConfig, ep=None):
+    """(graphdef, state) for a fresh run; parameters are initialized under jax.jit.
 
+    ep: a parallel.ExpertParallel; its MoE layers then run expert-parallel (it is part of the
+    graphdef) and the parameters are placed on its mesh (expert weights split over "expert").
+    """
     create = lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    graphdef, _, _ = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    abstract = nnx.eval_shape(create)
+    if ep is not None:
+        parallel.enable(abstract, ep)
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
     params, rest = _init_params(cfg.model, cfg.seed)
+    if ep is not None:
+        params, rest = parallel.shard_state(params, ep.mesh), parallel.shard_state(rest, ep.mesh)
     tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
     state = {
         "params": params,

@@ -138,6 +138,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
         ({"model.mode": "lm"}, r"config\.model\.mode"),
         ({"ckpt.keep": 0}, r"config\.ckpt\.keep"),
         ({"moe.top_k": 8, "moe.rho": 0.25}, r"config\.moe\.top_k"),
+        ({"mesh.expert": 3}, r"config\.mesh\.expert"),
     ],
 )
 def test_invalid_value_rejected_before_compilation(tmp_path, overrides, pattern):
@@ -303,3 +304,19 @@ def test_gradient_accumulation_wsd_and_router_bias_state(tmp_path):
     biases = [r["null_bias/layer0"] for r in rows]
     assert abs(biases[0]) == pytest.approx(0.025), biases
     assert any(abs(b) > 0.03 for b in biases[1:]), biases
+
+
+@pytest.mark.slow
+def test_expert_parallel_run_matches_single_device(straight, tmp_path):
+    """mesh.expert=4 on the 8 fake CPU devices (data 2 x expert 4), dropless buffers: the first
+    steps' losses equal the single-device run up to float reordering."""
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices; see tests/conftest.py")
+    cfg = smoke(**{"mesh.expert": 4, "mesh.buffer_factor": 0.0, "log.plots": False})
+    result = training.run(cfg, str(tmp_path), stop_at=3)
+    assert result["status"] == "preempted" and result["step"] == 3
+    ep_losses = [r["loss"] for r in rows_of(str(tmp_path))]
+    one_device = [r["loss"] for r in straight[2][:3]]
+    assert ep_losses == pytest.approx(one_device, rel=1e-4, abs=1e-5)
