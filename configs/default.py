@@ -10,6 +10,10 @@ Variants (all share D, layers, data and the expert width F, so FLOPs compare dir
   topk        top-2 token choice, renormalized gates, Switch-style balance loss
   switch      Switch top-1
   xmoe        XMoE threshold router t=0.9 over 32 small experts (F/4 each), gamma=8, GELU+bias
+  xmoe_dense  dense-to-sparse (our reconstruction of XMoE's recipe, experimental): the dense FFN
+              (hidden 2F) split into 16 small SwiGLU experts, threshold router at t=1.0 with
+              gamma=16=N, so training computes every expert (dense FLOPs); lower
+              moe.threshold_eval / moe.capacity_factor_eval at inference
   dense       no MoE: every FFN has hidden 2F, the active FLOPs of E[K]=2 experts of width F
   lm          text-only LM on the scene captions (no images), K^4_0.5 MoE
 Modifiers:
@@ -21,6 +25,8 @@ Launch:
   python train.py --config=configs/default.py:smoke --workdir=/tmp/smoke
   python train.py --config=configs/default.py:k8_rho025,smoke
   python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
+  python train.py --config=configs/default.py:xmoe_dense --workdir=/tmp/xd
+  python experiments/eval_sweep.py --run=xmoe_dense@/tmp/xd --t_eval=1.0,0.9,0.7,0.5
   python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
   tensorboard --logdir=./workdir
 """
@@ -38,6 +44,7 @@ VARIANTS = (
     "topk",
     "switch",
     "xmoe",
+    "xmoe_dense",
     "dense",
     "lm",
 )
@@ -90,8 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.activation = "swiglu"  # swiglu | gelu
     e.expert_bias = False  # biases in the expert FFNs
     e.shared_d_ff = 0  # hidden width of an always-on shared expert (0 = none)
-    e.threshold = 0.9  # t for the threshold router
+    e.threshold = 0.9  # t for the threshold router (training)
+    e.threshold_eval = placeholder(float)  # t at eval and decoding; None = threshold
     e.capacity_factor = placeholder(float)  # XMoE gamma / expert-choice c; None = default
+    e.capacity_factor_eval = placeholder(float)  # capacity at eval and decoding; None = as train
     e.renormalize = True  # renormalize gates over the selected real experts (null/topk)
     e.lb_coef = placeholder(float)  # balance loss coefficient; None = router default
     e.z_coef = 1e-3  # router z-loss coefficient
@@ -147,7 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     _apply_variant(c, variant)
     if "smoke" in mods:
-        _apply_smoke(c)
+        _apply_smoke(c, variant)
     return c
 
 
@@ -166,6 +175,11 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         e.num_experts, e.d_ff = 32, 32  # 32 small experts of width F/4
         e.threshold, e.capacity_factor = 0.9, 8.0
         e.activation, e.expert_bias = "gelu", True
+    elif variant == "xmoe_dense":
+        e.router, e.top_k, e.rho = "threshold", 1, None
+        e.num_experts = 16  # N slices of the dense FFN
+        e.d_ff = c.model.d_ff // e.num_experts  # F = model.d_ff / N: N experts = one dense FFN
+        e.threshold, e.capacity_factor = 1.0, 16.0  # every expert, gamma = N: no drops
     elif variant == "dense":
         e.enabled = False
     elif variant == "lm":
@@ -173,13 +187,15 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
         c.data.kind = "shapes_text"
 
 
-def _apply_smoke(c: ml_collections.ConfigDict) -> None:
+def _apply_smoke(c: ml_collections.ConfigDict, variant: str) -> None:
     c.num_steps = 30
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 2, 1
     c.model.d_ff = 64
     c.moe.d_ff = 32 if c.moe.router != "threshold" else 8
     # N >= K: the null router's compact top-K runs over the N real logits.
     c.moe.num_experts = 8 if c.moe.router == "threshold" else max(4, c.moe.top_k)
+    if variant == "xmoe_dense":  # keep the dense FFN split: N * F = model.d_ff
+        c.moe.d_ff = c.model.d_ff // c.moe.num_experts
     c.data.image_size, c.data.patch_size, c.data.text_len = 16, 4, 16
     c.data.batch_size, c.data.n_eval, c.data.max_shapes = 8, 16, 1
     c.opt.lr, c.opt.warmup_steps = 1e-2, 5
