@@ -21,7 +21,7 @@ def test_tracking_error_is_measured_per_layer_after_warmup():
     assert t["mae"] == pytest.approx(0.02)  # settled half only: (0.01 + 0.03) / 2
     assert t["within_band"] == pytest.approx(0.5)
     assert t["bias"] == pytest.approx(-0.01)
-    assert t["init_error"] == pytest.approx(0.0)  # the layer mean at step 1 is on target
+    assert t["init_error"] == pytest.approx(0.4)  # per layer: each layer is 0.4 off at step 1
     assert aggregate.mean_spread([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
 
 
