@@ -99,9 +99,12 @@ def null_router(
 
     sel_real = sel[:, :n]  # [T, N]
     n_above = jnp.sum(sel_real > null[:, None], axis=1)  # [T]
-    r = jnp.minimum(top_k, n_above)
+    k_real = min(top_k, n)  # K may exceed N: at most N slots can be real
+    r = jnp.minimum(k_real, n_above)
     r = jnp.maximum(r, top_k - num_nulls)  # only M null copies exist
-    _, top_idx = jax.lax.top_k(sel_real, top_k)  # [T, K]
+    _, top_idx = jax.lax.top_k(sel_real, k_real)  # [T, min(K, N)]
+    if k_real < top_k:  # the remaining slots can only be null
+        top_idx = jnp.pad(top_idx, ((0, 0), (0, top_k - k_real)))
     top_vals = jnp.take_along_axis(real, top_idx, axis=1)  # [T, K] unbiased logits
     keep = jnp.arange(top_k)[None, :] < r[:, None]  # [T, K]
     expert_ids = jnp.where(keep, top_idx, n).astype(jnp.int32)

@@ -16,7 +16,7 @@ def _logits(seed, t=64, n=N + 1, scale=2.0):
     return scale * jax.random.normal(jax.random.key(seed), (t, n))
 
 
-@pytest.mark.parametrize("m,k", [(8, 4), (24, 8), (4, 2), (2, 4), (1, 3), (0, 3)])
+@pytest.mark.parametrize("m,k", [(8, 4), (24, 8), (4, 2), (2, 4), (1, 3), (0, 3), (24, 12)])
 def test_compact_null_router_equals_explicit(m, k):
     """The N+1 form with log(M) on the null logit equals softmax/top-K over N+M slots."""
     logits = _logits(m * 10 + k)
