@@ -86,14 +86,21 @@ SCALARS = (
 )
 
 
-PAIRED = ("eval_loss", "final_train_loss")  # kept per seed for paired comparisons
+PAIRED = (  # kept per seed
+    "eval_loss",
+    "final_train_loss",
+    "vision_compute_share",
+    "real_per_patch_fg",
+    "real_per_patch_bg",
+)
 
 
-def paired(a: dict, b: dict, key: str) -> tuple[float, float, bool]:
+def paired(a: dict, b: dict, key: str, key_b: str | None = None) -> tuple[float, float, bool]:
     """Seed-paired difference a - b of a per-seed metric of two summaries: (mean, sample std,
     counts). Seed s gives both arms the same train order, so pairing removes that shared part of
     the seed spread. It counts when |mean| > 2 standard errors (and at least 2 seeds)."""
-    d = np.asarray(a["per_seed"][key], np.float64) - np.asarray(b["per_seed"][key], np.float64)
+    kb = key if key_b is None else key_b
+    d = np.asarray(a["per_seed"][key], np.float64) - np.asarray(b["per_seed"][kb], np.float64)
     if d.size < 2:
         return float(d.mean()), 0.0, False
     sd = float(d.std(ddof=1))

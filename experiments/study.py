@@ -107,7 +107,9 @@ def write(a, preset: arms.Preset, name: str, runs: dict, summ: dict, elapsed: fl
         json.dump(
             {"preset": dataclasses.asdict(preset), "seconds": elapsed, "arms": summ}, f, indent=1
         )
-    cmd = "python -m experiments.study " + " ".join(sys.argv[1:]) if a.cmd is None else a.cmd
+    # --reuse only re-renders cached runs, so the reproducing command leaves it out.
+    argv = [x for x in sys.argv[1:] if x != "--reuse"]
+    cmd = " ".join(["python -m experiments.study", *argv]) if a.cmd is None else a.cmd
     md = markdown(preset, name, runs, summ, elapsed, written, cmd)
     with open(os.path.join(a.out, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(md)
