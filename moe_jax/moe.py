@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch, experts, routing
+from moe_jax import dispatch, experts, fused_xla, routing
 from moe_jax.config import MoEConfig
 
 
@@ -213,6 +213,10 @@ class MoE(nnx.Module):
         )
         with jax.named_scope("dispatch"):
             plan = dispatch.make_plan(r.expert_ids, r.weights, cfg.num_experts, max_rows)
+        if experts.resolve_backend(cfg.backend) == "tiled":
+            with jax.named_scope("experts_fused"):
+                return self._fused_experts(xt.astype(cdt), plan)
+        with jax.named_scope("dispatch"):
             xs = dispatch.gather(xt.astype(cdt), plan)  # [R, D]
         with jax.named_scope("experts"):
             ys = experts.expert_ffn(
@@ -228,3 +232,22 @@ class MoE(nnx.Module):
             )  # [R, D]
         with jax.named_scope("combine"):
             return dispatch.combine(ys, plan, t, out_dtype=cdt)
+
+    def _fused_experts(self, xt: jax.Array, plan: dispatch.Plan) -> jax.Array:
+        """Gather, expert FFN and combine in one loop over the real row tiles (fused_xla):
+        nothing of size [T*K, .] is built. Routing weights get their gradient through
+        plan.weights."""
+        cdt = xt.dtype
+        opt = lambda p: None if p is None else p[...]  # noqa: E731
+        return fused_xla.fused_moe_ffn(
+            xt,
+            plan.token_idx,
+            plan.weights,
+            plan.group_sizes,
+            self.w_in[...].astype(cdt),
+            None if self.w_gate is None else self.w_gate[...].astype(cdt),
+            self.w_out[...].astype(cdt),
+            opt(self.b_in),
+            opt(self.b_out),
+            activation=self.config.activation,
+        )  # [T, D]
