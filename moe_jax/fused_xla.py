@@ -13,9 +13,12 @@ Why: the unfused path (dispatch.gather -> two grouped matmuls -> dispatch.combin
 scattering them costs O(T*K) even when most slots went to null experts. Here nothing of
 row count R (besides the [R] integer/weight vectors) is ever materialized.
 
-Design (the visit schedule of gmm_xla, one while loop per pass):
-1. gmm_xla._schedule cuts the sorted rows into tiles of tm and lists the (tile, group)
-   visits covering the real rows; the loop runs only the first num_visits of them.
+Design (a row-tile while loop in the manner of gmm_xla, one loop per pass):
+1. Each group's rows are cut into tiles of tm starting at the group's first row, and the
+   (first row, group) visits are listed; the loop runs only the first num_visits of them,
+   about num_real / tm + (non-empty groups) / 2. Aligning tiles to groups rather than to a
+   global grid (gmm_xla._schedule) halves the masked rows computed at group boundaries,
+   which dominates when groups are small (N=64: about 15% less time at rho=0.5).
 2. Forward visit: token ids of the tile's rows -> gather tm rows of x [T, D] directly;
    one dot with the group's [w_in | w_gate] (indexed in place, never gathered per row);
    activation; one dot with w_out[g]; multiply by the row weights, with a select zeroing
@@ -38,7 +41,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moe_jax.gmm_xla import _schedule, _tile_rows, default_tile_rows
+from moe_jax.gmm_xla import default_tile_rows
 
 _F32 = jnp.float32
 
@@ -71,6 +74,26 @@ def _accumulate(acc, g, delta):
     return jax.lax.dynamic_update_index_in_dim(acc, cur + delta[None], g, axis=0)
 
 
+def _group_schedule(group_sizes, num_rows: int, tm: int):
+    """Visits of tiles aligned to each group's first row: (nominal first row, group) pairs.
+
+    Group g gets cdiv(size_g, tm) tiles starting at start_g, so only its last tile is
+    partial (about tm / 2 wasted rows per group, against about tm for gmm_xla's global tile
+    grid, where a group can be cut at both ends). Static bound cdiv(R, tm) + G; entries at or
+    past num_visits are padding.
+    """
+    num_groups = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)  # [G]
+    starts = ends - group_sizes  # [G]
+    tiles_per_group = -(-group_sizes // tm)  # [G]; 0 for empty groups
+    visit_ends = jnp.cumsum(tiles_per_group)  # [G]
+    visit = jnp.arange(-(-num_rows // tm) + num_groups, dtype=jnp.int32)  # [V]
+    groups = jnp.minimum(jnp.searchsorted(visit_ends, visit, side="right"), num_groups - 1)
+    groups = groups.astype(jnp.int32)  # [V]
+    first_rows = starts[groups] + (visit - (visit_ends - tiles_per_group)[groups]) * tm  # [V]
+    return first_rows, groups, ends, visit_ends[-1]
+
+
 class _Visit:
     """Per-visit indexing shared by the forward and backward loops."""
 
@@ -78,15 +101,18 @@ class _Visit:
         self.num_rows = token_idx.shape[0]
         self.token_idx, self.row_weights = token_idx, row_weights
         self.num_tokens, self.tm = num_tokens, tm
-        self.tiles, self.groups, self.starts, self.ends, self.num_visits = _schedule(
+        self.first, self.groups, self.ends, self.num_visits = _group_schedule(
             group_sizes, self.num_rows, tm
         )
 
     def __call__(self, v):
         """Group, first row, row mask [tm], clamped token ids [tm], masked f32 weights [tm]."""
         g = self.groups[v]
-        row0, mask = _tile_rows(self.tiles[v], g, self.starts, self.ends, self.num_rows, self.tm)
-        mask = mask[:, 0]  # [tm]
+        # The last tile is clamped to start at R - tm; rows before its nominal start belong
+        # to the group's previous tile and are masked here, so no row is counted twice.
+        row0 = jnp.minimum(self.first[v], self.num_rows - self.tm)
+        rows = row0 + jnp.arange(self.tm, dtype=jnp.int32)  # [tm]
+        mask = (rows >= self.first[v]) & (rows < self.ends[g])  # [tm]
         tok = jax.lax.dynamic_slice_in_dim(self.token_idx, row0, self.tm)  # [tm]
         tok = jnp.clip(tok, 0, self.num_tokens - 1)  # garbage rows may hold any index
         w = jax.lax.dynamic_slice_in_dim(self.row_weights, row0, self.tm).astype(_F32)  # [tm]
