@@ -48,6 +48,9 @@ def tracking(run: dict) -> dict | None:
         "bias": float(err.mean()),
         "init_error": float(np.abs(ratio[0] - target).mean()),
         "final_ratio": float(ratio[-10:].mean()),
+        "final_null_bias": float(np.mean(rows[-1]["null_bias"]))
+        if "null_bias" in rows[-1]
+        else 0.0,
     }
 
 
