@@ -172,16 +172,19 @@ class Bench:
         self.info[name] = info
 
     def run(self, repeats: int):
-        """Interleaved rounds; a variant under a second gets one untimed call right before its
-        timed one, so caches and memory evicted by the multi-GiB peers timed before it do
-        not land on its measurement."""
+        """Interleaved rounds. In each, a variant under a second gets one untimed call first,
+        so caches and memory evicted by the multi-GiB peers timed before it do not land on
+        its measurement, and then as many timed calls as fit in about half a second (up to
+        10), so the short variants, the noisiest on a shared machine, get more samples."""
         for _ in range(repeats):
             for name, (fn, args) in self.fns.items():
-                if self.estimate[name] < 1.0:
+                est = self.estimate[name]
+                if est < 1.0:
                     jax.block_until_ready(fn(*args))
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                self.times[name].append(time.perf_counter() - t0)
+                for _ in range(max(1, min(10, int(0.5 / max(est, 1e-3))))):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(*args))
+                    self.times[name].append(time.perf_counter() - t0)
 
     def ms(self, name):
         return 1e3 * statistics.median(self.times[name])
@@ -277,15 +280,13 @@ def report(n, f, tokens, bench: Bench, realized, peers, scaling):
         for t in (1024, 16384):
             v = ms(f"tiled K4 rho=0.5 T={t}") / t4
             row("5 scaling", f"t(T={t})/t(T={tokens})", v, f"~ {t / tokens:g}")
-    print(
-        f"\n== N={n} experts, F={f}, T={tokens}, D={D_MODEL}, fwd+bwd, median of "
-        f"{len(bench.times[base])} =="
-    )
-    print(f"{'variant':34s} {'ms':>9s} {'temp MiB':>9s} {'real/tok':>9s}")
+    print(f"\n== N={n} experts, F={f}, T={tokens}, D={D_MODEL}, fwd+bwd, median of n calls ==")
+    print(f"{'variant':34s} {'ms':>9s} {'n':>4s} {'temp MiB':>9s} {'real/tok':>9s}")
     for name in bench.fns:
         rt = realized.get(name)
         rts = f"{rt:9.3f}" if rt is not None else " " * 9
-        print(f"{name:34s} {ms(name):9.1f} {bench.mem[name] / 2**20:9.1f} {rts}")
+        count = len(bench.times[name])
+        print(f"{name:34s} {ms(name):9.1f} {count:4d} {bench.mem[name] / 2**20:9.1f} {rts}")
     print(f"{'section':16s} {'ratio':38s} {'value':>7s} {'target':>9s}")
     for r in rows:
         mark = "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED")

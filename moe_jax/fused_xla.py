@@ -15,10 +15,11 @@ row count R (besides the [R] integer/weight vectors) is ever materialized.
 
 Design (two nested loops per pass):
 1. An outer lax.scan over the N experts takes expert g's weights as its scanned input (one
-   slice per expert, not per tile) and runs an inner fori_loop over the group's row tiles,
-   cdiv(size_g, tm) of them, each starting at the group's first row, so only a group's last
-   tile is partial (masked). Empty groups cost one scan step and no tile; the total tile
-   count is about num_real / tm + (non-empty groups) / 2.
+   slice per expert, not per tile) and runs inner fori_loops over the group's row tiles:
+   size_g // tm full tiles from the group's first row, then the remainder in one tile of the
+   smallest size in (tm, tm/2, ..., min_tm) that holds it, so a group wastes at most about
+   half its remainder in masked rows rather than up to tm - 1. Empty groups cost one scan
+   step and no tile.
 2. Forward tile: token ids of the tile's rows -> gather tm rows of x [T, D] directly; dots
    with w_in[g] (and w_gate[g]); activation; dot with w_out[g]; multiply by the row weights,
    with a select zeroing rows outside the group (garbage weights may be NaN); scatter-add
@@ -29,10 +30,11 @@ Design (two nested loops per pass):
      d_row_weights = sum(act * u) + dy[tok] . b_out   (written into the [R] vector)
      d_w_out[g] += act^T @ (w * dy[tok]),  d_h = act'(h) * (w * u)
      d_w_in[g] += x[tok]^T @ d_h,  d_x[tok] += d_h @ w_in[g]^T  (scatter-add; gate alike)
-   The per-expert weight gradients accumulate in the inner loop's carry and leave the scan as
-   its stacked output, so the [N, D, F] gradients are written once, never zero-filled and
-   re-read per tile; weights are never concatenated or copied per tile. dy rows and
-   weights are masked with selects first, so masked rows add exact zeros.
+   The per-expert weight gradients accumulate in the inner loops' small [D, F] carry and
+   leave the scan as its stacked output, so the [N, D, F] gradient buffers are written once
+   per expert, not read and rewritten per tile; weights are never concatenated or copied
+   per tile. dy rows and weights are masked with selects first, so masked rows add exact
+   zeros.
 4. Dots take the compute dtype (x / weights) with f32 accumulation; y, d_x and the weight
    gradients accumulate in f32 and are cast back at the end.
 """
@@ -65,46 +67,73 @@ def _activate(h, gate, b_in, *, activation: str):
 
 
 class _Tiles:
-    """Group boundaries and per-tile indexing shared by the forward and backward loops."""
+    """Group boundaries and per-tile indexing shared by the forward and backward loops.
 
-    def __init__(self, token_idx, row_weights, group_sizes, num_tokens: int, tm: int):
+    A group of size s gets s // tm full tiles; its remainder r = s % tm (if any) goes to one
+    tile of the smallest size in tile_sizes = (tm, tm/2, ..., >= min_tm) that holds it, so at
+    most about r/2 + min_tm/2 rows per group are masked work, not tm/2. Every size has its own
+    loop (static shapes); the remainder loops run 0 or 1 times per group.
+    """
+
+    def __init__(self, token_idx, row_weights, group_sizes, num_tokens: int, tm: int, min_tm: int):
         self.num_rows = token_idx.shape[0]
         self.token_idx, self.row_weights = token_idx, row_weights
-        self.num_tokens, self.tm = num_tokens, tm
+        self.num_tokens = num_tokens
+        sizes = [tm]
+        while sizes[-1] // 2 >= max(min_tm, 1):
+            sizes.append(sizes[-1] // 2)
+        self.sizes = tuple(sizes)
         self.ends = jnp.cumsum(group_sizes)  # [G]
         self.starts = self.ends - group_sizes  # [G]
-        self.num_tiles = -(-group_sizes // tm)  # [G]; 0 for empty groups
 
     def scanned(self, *weights):
-        """Per-group inputs of the outer scan: boundaries, tile count, then the weights."""
-        return (self.starts, self.ends, self.num_tiles, *weights)
+        """Per-group inputs of the outer scan: boundaries, then the weights."""
+        return (self.starts, self.ends, *weights)
 
-    def __call__(self, start, end, i):
-        """Tile i of the group [start, end): first row, row mask [tm], clamped token ids
-        [tm], masked f32 weights [tm]."""
-        first = start + i * self.tm
+    def pieces(self, start, end):
+        """[(tile size, first row of the first tile, number of tiles)] for the group."""
+        size = end - start
+        tm = self.sizes[0]
+        full, rem = size // tm, size % tm
+        bounds = (*self.sizes[1:], 0)  # rem in (bounds[j], sizes[j]] -> one tile of sizes[j]
+        out = [(tm, start, full + (rem > bounds[0]).astype(jnp.int32))]
+        for s, lo in zip(self.sizes[1:], bounds[1:]):
+            out.append((s, start + full * tm, ((rem > lo) & (rem <= s)).astype(jnp.int32)))
+        return out
+
+    def __call__(self, tm: int, base, end, i):
+        """Tile i of size tm starting at row base (group ends at end): first row, row mask
+        [tm], clamped token ids [tm], masked f32 weights [tm]."""
+        first = base + i * tm
         # A tile running past R is clamped to start at R - tm; rows before its nominal start
         # belong to the group's previous tile and are masked, so no row is counted twice.
-        row0 = jnp.minimum(first, self.num_rows - self.tm)
-        rows = row0 + jnp.arange(self.tm, dtype=jnp.int32)  # [tm]
+        row0 = jnp.minimum(first, self.num_rows - tm)
+        rows = row0 + jnp.arange(tm, dtype=jnp.int32)  # [tm]
         mask = (rows >= first) & (rows < end)  # [tm]
-        tok = jax.lax.dynamic_slice_in_dim(self.token_idx, row0, self.tm)  # [tm]
+        tok = jax.lax.dynamic_slice_in_dim(self.token_idx, row0, tm)  # [tm]
         tok = jnp.clip(tok, 0, self.num_tokens - 1)  # garbage rows may hold any index
-        w = jax.lax.dynamic_slice_in_dim(self.row_weights, row0, self.tm).astype(_F32)  # [tm]
+        w = jax.lax.dynamic_slice_in_dim(self.row_weights, row0, tm).astype(_F32)  # [tm]
         return row0, mask, tok, jnp.where(mask, w, 0.0)
+
+    def loop(self, start, end, tile, carry):
+        """Run tile(tm, base, i, carry) over every tile of the group [start, end)."""
+        for tm, base, count in self.pieces(start, end):
+            body = functools.partial(tile, tm, base)
+            carry = jax.lax.fori_loop(0, count, body, carry)
+        return carry
 
 
 def _forward(
     x, token_idx, row_weights, group_sizes, w_in, w_gate, w_out, b_in, b_out, activation, tm
 ):
     num_tokens, d = x.shape
-    tiles = _Tiles(token_idx, row_weights, group_sizes, num_tokens, tm)
+    tiles = _Tiles(token_idx, row_weights, group_sizes, num_tokens, *tm)
 
     def group(y, xs):
-        start, end, num_tiles, wi, wg, wo, bi, bo = xs  # expert g's weights
+        start, end, wi, wg, wo, bi, bo = xs  # expert g's weights
 
-        def tile(i, y):
-            _, mask, tok, w = tiles(start, end, i)
+        def tile(tm, base, i, y):
+            _, mask, tok, w = tiles(tm, base, end, i)
             xt = jnp.take(x, tok, axis=0)  # [tm, D]
             gate = None if wg is None else _dot(xt, wg, (1, 0))  # [tm, F]
             a = _activate(_dot(xt, wi, (1, 0)), gate, bi, activation=activation)  # [tm, F]
@@ -114,7 +143,7 @@ def _forward(
             o = jnp.where(mask[:, None], o * w[:, None], 0.0)  # [tm, D]
             return y.at[tok].add(o)
 
-        return jax.lax.fori_loop(0, num_tiles, tile, y), None
+        return tiles.loop(start, end, tile, y), None
 
     y = jnp.zeros((num_tokens, d), _F32)  # [T, D]
     y, _ = jax.lax.scan(group, y, tiles.scanned(w_in, w_gate, w_out, b_in, b_out))
@@ -125,16 +154,16 @@ def _backward(
     x, token_idx, row_weights, group_sizes, w_in, w_gate, w_out, b_in, b_out, activation, tm, dy
 ):
     num_tokens = x.shape[0]
-    tiles = _Tiles(token_idx, row_weights, group_sizes, num_tokens, tm)
+    tiles = _Tiles(token_idx, row_weights, group_sizes, num_tokens, *tm)
     act = functools.partial(_activate, activation=activation)
     zeros = lambda a: None if a is None else jnp.zeros(a.shape[1:], _F32)  # noqa: E731
 
     def group(carry, xs):
-        start, end, num_tiles, wi, wg, wo, bi, bo = xs  # expert g's weights
+        start, end, wi, wg, wo, bi, bo = xs  # expert g's weights
 
-        def tile(i, c):
+        def tile(tm, base, i, c):
             dx, drw, dwi, dwg, dwo, dbi, dbo = c
-            row0, mask, tok, w = tiles(start, end, i)
+            row0, mask, tok, w = tiles(tm, base, end, i)
             xt = jnp.take(x, tok, axis=0)  # [tm, D]
             dyt = jnp.where(mask[:, None], jnp.take(dy, tok, axis=0).astype(_F32), 0.0)
             gate = None if wg is None else _dot(xt, wg, (1, 0))  # [tm, F]
@@ -161,7 +190,7 @@ def _backward(
             return dx.at[tok].add(dxt), drw, dwi, dwg, dwo, dbi, dbo
 
         init = (*carry, *(zeros(a) for a in (w_in, w_gate, w_out, b_in, b_out)))
-        dx, drw, *dws = jax.lax.fori_loop(0, num_tiles, tile, init)
+        dx, drw, *dws = tiles.loop(start, end, tile, init)
         return (dx, drw), tuple(dws)  # expert g's weight gradients, stacked by the scan
 
     init = (jnp.zeros(x.shape, _F32), jnp.zeros(row_weights.shape, _F32))  # [T, D], [R]
@@ -197,9 +226,15 @@ def _fused_bwd(activation, tm, res, dy):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_tile_rows(num_rows: int, num_groups: int, d_model: int, d_ff: int) -> int:
-    """Row tile for the fused loop: gmm_xla's rule applied to the first (widest) matmul."""
-    return default_tile_rows(num_rows, num_groups, d_model, d_ff)
+def fused_tile_rows(num_rows: int, num_groups: int, d_model: int, d_ff: int) -> tuple[int, int]:
+    """(full tile, smallest remainder tile) for the fused loop.
+
+    Twice gmm_xla's rule for the first matmul, down to an eighth of that for group
+    remainders: measured on CPU at T=4096, D=512, K=4 against a single tile size of gmm_xla's
+    rule, (256, 32) is 5-12% faster at N=8, F=1024 and (128, 16) 3-7% at N=64, F=128.
+    """
+    tm = min(2 * default_tile_rows(num_rows, num_groups, d_model, d_ff), 512)
+    return tm, max(tm // 8, 8)
 
 
 def fused_moe_ffn(
@@ -215,6 +250,7 @@ def fused_moe_ffn(
     *,
     activation: str = "swiglu",
     tile_rows: int | None = None,
+    min_tile_rows: int | None = None,
 ) -> jax.Array:
     """Routed expert FFN, gathered from and combined into token order in one tiled loop.
 
@@ -223,7 +259,8 @@ def fused_moe_ffn(
     Returns y [T, D] in x.dtype (accumulated in f32). swiglu: (silu(x W_gate) * (x W_in + b_in))
     W_out + b_out; gelu: gelu(x W_in + b_in) W_out + b_out. Differentiable in x, row_weights
     and every weight and bias; rows past sum(group_sizes) get zero gradient.
-    tile_rows: rows per tile; None picks one from the shapes (fused_tile_rows).
+    tile_rows: rows per full tile; min_tile_rows: smallest tile for a group's remainder
+    (tiles halve from tile_rows down to it). None picks both from the shapes (fused_tile_rows).
     """
     if x.ndim != 2:
         raise ValueError(f"x must be [T, D]; got {x.shape}")
@@ -242,14 +279,15 @@ def fused_moe_ffn(
         raise ValueError(
             f"group_sizes must be int [{n}]; got {group_sizes.dtype}{group_sizes.shape}"
         )
-    if tile_rows is not None and tile_rows < 1:
-        raise ValueError(f"tile_rows must be >= 1; got {tile_rows}")
+    for name, v in (("tile_rows", tile_rows), ("min_tile_rows", min_tile_rows)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1; got {v}")
     num_rows = token_idx.shape[0]
     if num_rows == 0 or x.shape[0] == 0:
         return jnp.zeros(x.shape, x.dtype)
-    if tile_rows is None:
-        tile_rows = fused_tile_rows(num_rows, n, d, f)
-    tm = min(tile_rows, num_rows)
+    auto_tm, auto_min = fused_tile_rows(num_rows, n, d, f)
+    tm = min(auto_tm if tile_rows is None else tile_rows, num_rows)
+    min_tm = min(auto_min if min_tile_rows is None else min_tile_rows, tm)
     return _fused(
         x,
         token_idx.astype(jnp.int32),
@@ -261,5 +299,5 @@ def fused_moe_ffn(
         b_in,
         b_out,
         activation,
-        tm,
+        (tm, min_tm),
     )

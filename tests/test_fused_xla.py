@@ -18,7 +18,10 @@ from moe_jax.fused_xla import fused_moe_ffn
 from moe_jax.moe import MoE
 
 T, D, F, N, R = 16, 12, 8, 3, 40  # fixed shapes (R > T: tokens repeat); sizes are traced
-TILES = (1, 7, 16, 64)  # 7 does not divide R (clamped last tile); 64 > R (one tile)
+# (tile_rows, min_tile_rows): 7 does not divide R (clamped last tile); 64 > R (one tile);
+# min < tile: each group's remainder goes to a smaller tile (16 -> 8, 4, 2; 12 -> 6, 3;
+# 64 -> R=40, 20, 10, 5).
+TILES = ((1, 1), (7, 7), (16, 16), (64, 64), (16, 2), (12, 3), (64, 4))
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
 ARGNUMS = (0, 1, 2, 3, 4, 5, 6)  # x, row_weights, w_in, w_gate, w_out, b_in, b_out
 
@@ -59,7 +62,21 @@ def _loss(fn, dy, *args):
 @functools.partial(jax.jit, static_argnames=("activation", "tm"))
 def _fused(x, w, wi, wg, wo, bi, bo, tok, gs, dy, activation, tm):
     def fn(x, w, wi, wg, wo, bi, bo):
-        return fused_moe_ffn(x, tok, w, gs, wi, wg, wo, bi, bo, activation=activation, tile_rows=tm)
+        tile_rows, min_tile_rows = tm
+        return fused_moe_ffn(
+            x,
+            tok,
+            w,
+            gs,
+            wi,
+            wg,
+            wo,
+            bi,
+            bo,
+            activation=activation,
+            tile_rows=tile_rows,
+            min_tile_rows=min_tile_rows,
+        )
 
     args = (x, w, wi, wg, wo, bi, bo)
     return fn(*args), jax.grad(functools.partial(_loss, fn, dy), argnums=ARGNUMS)(*args)
@@ -130,7 +147,7 @@ def test_gelu_bias_matches_reference(sizes, tm):
 @pytest.mark.parametrize(
     "sizes", [(0, 0, 0), (R, 0, 0), (0, 0, 7), (13, 0, 27), (5, 11, 2)], ids=str
 )
-@pytest.mark.parametrize("tm", [7, 16])
+@pytest.mark.parametrize("tm", [(7, 7), (16, 16), (16, 4)], ids=str)
 def test_edge_sizes(sizes, tm):
     # num_real = 0, one full group, empty groups at either end, R fully used.
     _check(sizes, tm, "swiglu", bias=True)
@@ -138,7 +155,7 @@ def test_edge_sizes(sizes, tm):
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_bfloat16(activation):
-    _check((9, 0, 14), 16, activation, bias=activation == "gelu", dtype=jnp.bfloat16)
+    _check((9, 0, 14), (16, 4), activation, bias=activation == "gelu", dtype=jnp.bfloat16)
 
 
 def _float_shapes(text: str) -> set[tuple[int, ...]]:
@@ -152,7 +169,7 @@ def test_lowered_program_has_no_row_sized_buffers():
     tok, w, gs = _rows((9, 0, 14), 0)
     dy = jnp.ones((T, D), jnp.float32)
     args = (p["x"], w, p["w_in"], p["w_gate"], p["w_out"], p["b_in"], p["b_out"], tok, gs, dy)
-    text = _fused.lower(*args, activation="swiglu", tm=8).as_text()
+    text = _fused.lower(*args, activation="swiglu", tm=(8, 2)).as_text()
     shapes = _float_shapes(text)
     assert (T, D) in shapes  # the parser sees the [T, D] output
     bad = [s for s in shapes if len(s) >= 2 and (R in s[:2])]  # [R, .] and [N, R, .]
