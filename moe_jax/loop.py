@@ -8,6 +8,7 @@ named by a NaN stop is always restorable.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import time
@@ -52,7 +53,9 @@ class Loop:
         self.tokens_per_step = cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len)
         self.last_saved: int | None = None
         self.final_loss = math.nan
-        self._ref = None  # (step, time) for tokens/s
+        # (step, time) of the last consumed steps: tokens/s over a window of up to 10 steps, so
+        # one step read late (its successor then reads at once) does not show a spike.
+        self._recent = collections.deque(maxlen=11)
 
     def run(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -109,7 +112,7 @@ class Loop:
                     self.last_saved = step
                 if ev:
                     self.writer.write(step, evaluate(cfg, graphdef, state))
-                    self._ref = None  # eval time does not count against tokens/s
+                    self._recent.clear()  # eval time does not count against tokens/s
                 if stop:
                     status = "preempted"
                     self.progress.write(f"preempted: saved a checkpoint at step {step}; exiting")
@@ -149,9 +152,10 @@ class Loop:
             )
         self.final_loss = loss
         tps = math.nan
-        if self._ref is not None and step > self._ref[0]:
-            tps = self.tokens_per_step * (step - self._ref[0]) / max(now - self._ref[1], 1e-9)
-        self._ref = (step, now)
+        if self._recent and step > self._recent[0][0]:
+            first_step, first_time = self._recent[0]
+            tps = self.tokens_per_step * (step - first_step) / max(now - first_time, 1e-9)
+        self._recent.append((step, now))
         if step % cfg.log.every_steps == 0 or step == cfg.num_steps:
             host = metrics_lib.to_host(m)
             row = {k: host[k] for k in ("loss", "aux_loss", "lr", "grad_norm")}
