@@ -20,21 +20,22 @@ Design (two nested loops per pass):
    smallest size in (tm, tm/2, ..., min_tm) that holds it, so a group wastes at most about
    half its remainder in masked rows rather than up to tm - 1. Empty groups cost one scan
    step and no tile.
-2. Forward tile: token ids of the tile's rows -> gather tm rows of x [T, D] directly; dots
-   with w_in[g] (and w_gate[g]); activation; dot with w_out[g]; multiply by the row weights,
-   with a select zeroing rows outside the group (garbage weights may be NaN); scatter-add
-   into y [T, D] (f32).
+2. Forward tile: token ids of the tile's rows -> gather tm rows of x [T, D] directly; one
+   dot with [w_in[g] | w_gate[g]] (concatenated once per expert; measured on CPU, forward +
+   backward up to 15% faster than two [D, F] dots at F=128, the same at F=1024); activation;
+   dot with w_out[g];
+   multiply by the row weights, with a select zeroing rows outside the group (garbage
+   weights may be NaN); scatter-add into y [T, D] (f32).
 3. custom_vjp backward: the same tiles recompute the hidden activations (nothing R-sized is
    saved) and produce, per tile,
      u = dy[tok] @ w_out[g]^T                        [tm, F]
      d_row_weights = sum(act * u) + dy[tok] . b_out   (written into the [R] vector)
-     d_w_out[g] += act^T @ (w * dy[tok]),  d_h = act'(h) * (w * u)
-     d_w_in[g] += x[tok]^T @ d_h,  d_x[tok] += d_h @ w_in[g]^T  (scatter-add; gate alike)
-   The per-expert weight gradients accumulate in the inner loops' small [D, F] carry and
+     d_w_out[g] += act^T @ (w * dy[tok]),  d_hg = act'(h, gate) * (w * u)   [tm, 2F]
+     d_w_cat[g] += x[tok]^T @ d_hg,  d_x[tok] += d_hg @ w_cat[g]^T  (scatter-add)
+   The per-expert weight gradients accumulate in the inner loops' small [D, 2F] carry and
    leave the scan as its stacked output, so the [N, D, F] gradient buffers are written once
-   per expert, not read and rewritten per tile; weights are never concatenated or copied
-   per tile. dy rows and weights are masked with selects first, so masked rows add exact
-   zeros.
+   per expert, not read and rewritten per tile; weights are never copied per tile. dy rows
+   and weights are masked with selects first, so masked rows add exact zeros.
 4. Dots take the compute dtype (x / weights) with f32 accumulation; y, d_x and the weight
    gradients accumulate in f32 and are cast back at the end.
 """
@@ -64,6 +65,17 @@ def _activate(h, gate, b_in, *, activation: str):
     if activation == "swiglu":
         return jax.nn.silu(gate) * h
     return jax.nn.gelu(h)
+
+
+def _in_proj(wi, wg):
+    """Expert g's input projection(s) as one [D, 2F] (swiglu: [w_in | w_gate]) or [D, F]
+    matrix: one wider dot per tile instead of two (concatenated once per expert)."""
+    return wi if wg is None else jnp.concatenate([wi, wg], axis=1)
+
+
+def _split(hg, f: int, gated: bool):
+    """[tm, 2F] -> (h, gate) or [tm, F] -> (h, None)."""
+    return (hg[:, :f], hg[:, f:]) if gated else (hg, None)
 
 
 class _Tiles:
@@ -131,12 +143,13 @@ def _forward(
 
     def group(y, xs):
         start, end, wi, wg, wo, bi, bo = xs  # expert g's weights
+        wc = _in_proj(wi, wg)  # [D, 2F or F]
 
         def tile(tm, base, i, y):
             _, mask, tok, w = tiles(tm, base, end, i)
             xt = jnp.take(x, tok, axis=0)  # [tm, D]
-            gate = None if wg is None else _dot(xt, wg, (1, 0))  # [tm, F]
-            a = _activate(_dot(xt, wi, (1, 0)), gate, bi, activation=activation)  # [tm, F]
+            h, gate = _split(_dot(xt, wc, (1, 0)), wi.shape[1], wg is not None)  # [tm, F]
+            a = _activate(h, gate, bi, activation=activation)  # [tm, F]
             o = _dot(a.astype(wo.dtype), wo, (1, 0))  # [tm, D]
             if bo is not None:
                 o = o + bo.astype(_F32)[None, :]
@@ -160,14 +173,16 @@ def _backward(
 
     def group(carry, xs):
         start, end, wi, wg, wo, bi, bo = xs  # expert g's weights
+        f, gated = wi.shape[1], wg is not None
+        wc = _in_proj(wi, wg)  # [D, 2F or F]
 
         def tile(tm, base, i, c):
-            dx, drw, dwi, dwg, dwo, dbi, dbo = c
+            dx, drw, dwc, dwo, dbi, dbo = c
             row0, mask, tok, w = tiles(tm, base, end, i)
             xt = jnp.take(x, tok, axis=0)  # [tm, D]
             dyt = jnp.where(mask[:, None], jnp.take(dy, tok, axis=0).astype(_F32), 0.0)
-            gate = None if wg is None else _dot(xt, wg, (1, 0))  # [tm, F]
-            a, act_vjp = jax.vjp(act, _dot(xt, wi, (1, 0)), gate, bi)  # [tm, F]
+            h, gate = _split(_dot(xt, wc, (1, 0)), f, gated)  # [tm, F]
+            a, act_vjp = jax.vjp(act, h, gate, bi)  # [tm, F]
             u = _dot(dyt.astype(wo.dtype), wo, (1, 1))  # [tm, F]
             drw_t = jnp.sum(a * u, axis=1)  # [tm]
             dyw = dyt * w[:, None]  # [tm, D]
@@ -178,20 +193,16 @@ def _backward(
             drw = jax.lax.dynamic_update_slice_in_dim(drw, jnp.where(mask, drw_t, old), row0, 0)
             dwo = dwo + _dot(a.astype(wo.dtype), dyw.astype(wo.dtype), (0, 0))  # [F, D]
             dh, dgate, dbi_t = act_vjp(u * w[:, None])  # [tm, F] each
-            dh = dh.astype(wi.dtype)
-            dwi = dwi + _dot(xt, dh, (0, 0))  # [D, F]
-            dxt = _dot(dh, wi, (1, 1))  # [tm, D]
-            if wg is not None:
-                dgate = dgate.astype(wg.dtype)
-                dwg = dwg + _dot(xt, dgate, (0, 0))
-                dxt = dxt + _dot(dgate, wg, (1, 1))
+            dhg = (jnp.concatenate([dh, dgate], axis=1) if gated else dh).astype(wc.dtype)
+            dwc = dwc + _dot(xt, dhg, (0, 0))  # [D, 2F or F]
             if bi is not None:
                 dbi = dbi + dbi_t
-            return dx.at[tok].add(dxt), drw, dwi, dwg, dwo, dbi, dbo
+            return dx.at[tok].add(_dot(dhg, wc, (1, 1))), drw, dwc, dwo, dbi, dbo
 
-        init = (*carry, *(zeros(a) for a in (w_in, w_gate, w_out, b_in, b_out)))
-        dx, drw, *dws = tiles.loop(start, end, tile, init)
-        return (dx, drw), tuple(dws)  # expert g's weight gradients, stacked by the scan
+        init = (*carry, *(zeros(a) for a in (wc[None], w_out, b_in, b_out)))
+        dx, drw, dwc, *dws = tiles.loop(start, end, tile, init)
+        dwi, dwg = _split(dwc, f, gated)
+        return (dx, drw), (dwi, dwg, *dws)  # expert g's weight gradients, stacked by the scan
 
     init = (jnp.zeros(x.shape, _F32), jnp.zeros(row_weights.shape, _F32))  # [T, D], [R]
     xs = tiles.scanned(w_in, w_gate, w_out, b_in, b_out)
