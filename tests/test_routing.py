@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moe_jax import routing
+from moe_jax import dispatch, routing
 
 N = 8
 
@@ -155,3 +157,23 @@ def test_expert_choice_is_balanced():
     counts = jnp.bincount(r.expert_ids.reshape(-1), length=5)[:4]
     np.testing.assert_array_equal(counts, 16)
     assert math.isclose(float(r.lb_loss), 0.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 8), min_size=1, max_size=300),
+    num_keys=st.sampled_from([9, 2**30]),  # 2**30 * n overflows int32: the argsort fallback
+)
+def test_stable_sort_by_key_equals_stable_argsort(keys, num_keys):
+    k = jnp.asarray(keys, jnp.int32)
+    got = dispatch.stable_sort_by_key(k, num_keys)
+    np.testing.assert_array_equal(np.asarray(got), np.argsort(np.asarray(keys), kind="stable"))
+
+
+def test_make_plan_orders_rows_by_expert_then_token():
+    ids = jnp.asarray([[2, 0], [3, 2], [0, 3]], jnp.int32)  # 3 = null sentinel (N=3)
+    w = jnp.asarray([[0.6, 0.4], [0.0, 1.0], [1.0, 0.0]], jnp.float32)
+    plan = dispatch.make_plan(ids, w, num_experts=3)
+    assert plan.group_sizes.tolist() == [2, 0, 2] and int(plan.num_real) == 4
+    assert plan.token_idx[:4].tolist() == [0, 2, 0, 1]  # expert 0: tokens 0, 2; expert 2: 0, 1
+    np.testing.assert_allclose(plan.weights, [0.4, 1.0, 0.6, 1.0, 0.0, 0.0])
