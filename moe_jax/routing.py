@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import losses
+from moe_jax.dispatch import stable_sort_by_key
 
 
 class Routing(NamedTuple):
@@ -144,9 +145,10 @@ def apply_capacity(expert_ids: jax.Array, priority: jax.Array, num_experts: int,
     t, s = expert_ids.shape
     flat_e = expert_ids.reshape(-1)  # [T*S]
     flat_p = priority.reshape(-1)
-    # Lexicographic sort by (expert asc, priority desc): two stable argsorts.
+    # Lexicographic sort by (expert asc, priority desc): stable sort by priority, then a
+    # stable sort by expert id.
     by_p = jnp.argsort(-flat_p, stable=True)
-    order = by_p[jnp.argsort(flat_e[by_p], stable=True)]  # [T*S]
+    order = by_p[stable_sort_by_key(flat_e[by_p], num_experts + 1)]  # [T*S]
     sorted_e = flat_e[order]
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat_e].add(1)
     starts = jnp.cumsum(counts) - counts  # [N+1]
