@@ -163,9 +163,8 @@ class Bench:
         compiled = fn.lower(*args).compile()
         mem = compiled.memory_analysis()
         self.mem[name] = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
-        jax.block_until_ready(compiled(*args))  # warm-up
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(compiled(*args))  # warm-up, timed: sets the calls per round
         self.estimate[name] = time.perf_counter() - t0
         self.fns[name] = (compiled, args)
         self.times[name] = []
