@@ -33,13 +33,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
-    from moe_jax import training  # after flag parsing: jax reads its env on import
+    from moe_jax import train  # after flag parsing: jax reads its env on import
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("workdir", config.get("name", "run"))
     try:
-        training.run(config, workdir)
-    except training.NonFiniteLossError as err:
+        train.run(config, workdir)
+    except train.NonFiniteLossError as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

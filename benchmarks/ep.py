@@ -25,11 +25,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import Bench, bisect_decreasing  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax import MoE, MoEConfig, parallel  # noqa: E402
@@ -64,20 +64,17 @@ def _set_router(layer, bias, seed=1):
 
 
 def _calibrate(layer, x, rho):
-    """Bisection on the null bias until null_ratio ~= 1 - rho."""
+    """Bisection on the null bias until null_ratio ~= 1 - rho (real share ~= rho)."""
     if rho == 1.0:
         return 0.0
     gdef = nnx.graphdef(layer)
     fwd = jax.jit(lambda s, x: nnx.merge(gdef, s)(x)[1]["null_ratio"])
-    lo, hi = -6.0, 6.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        _set_router(layer, mid)
-        if float(fwd(nnx.state(layer), x)) < 1.0 - rho:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+
+    def real_share(bias):
+        _set_router(layer, bias)
+        return 1.0 - float(fwd(nnx.state(layer), x))
+
+    return bisect_decreasing(real_share, rho, -6.0, 6.0, 30)
 
 
 def _step_fn(gdef):
@@ -89,13 +86,10 @@ def _step_fn(gdef):
 
 
 def _time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    bench = Bench()
+    bench.add("step", fn, *args)
+    bench.run(repeats, max_calls=1)
+    return bench.seconds("step")
 
 
 def run(args) -> dict:

@@ -29,12 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import Bench
 
 import kernels_pallas as kp
 
@@ -51,15 +50,11 @@ def group_sizes_for(rows: int, groups: int, null: float, seed: int) -> np.ndarra
 
 def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call; round r times every variant once (fair under drift)."""
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))  # compile and warm up
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    bench = Bench()
+    for name, (fn, args) in fns.items():
+        bench.add(name, fn, *args)
+    bench.run(repeats, max_calls=1)
+    return {name: bench.seconds(name) for name in fns}
 
 
 def bench_point(args, groups: int, null: float, backend: str, interpret: bool) -> dict:

@@ -13,8 +13,9 @@ Sections (T tokens, D=512, K slots per token, rho density, E[K] = K*rho real exp
 2. iso-FLOP (E[K]=2): t(K^4_0.5) / t(K^2_1.0) and t(K^8_0.25) / t(K^2_1.0).
 3. a dense SwiGLU FFN of the same active FLOPs (hidden E[K]*F): t(K^4_0.5) / t(dense FFN).
 4. peers at K^4_0.5, same routing and weights: jax.lax.ragged_dot backend, the dense
-   reference backend, our own unfused path (gather -> per-matmul tiled gmm -> combine; the
-   "tiled" rows run the fused loop of moe_jax/fused_xla.py), and a GShard/Switch-style one-hot einsum dispatch with capacity
+   reference backend, our own unfused path (backend "tiled_unfused": gather -> per-matmul
+   tiled gmm -> combine; the "tiled" rows run the fused loop of moe_jax/experts/fused_xla.py),
+   and a GShard/Switch-style one-hot einsum dispatch with capacity
    C = ceil(cf * T*E[K] / N) (cf=1: the buffer holds exactly the average real load, so it
    computes as many expert rows as the dropless path; overflow is dropped).
 5. T scaling (1k, 4k, 16k tokens at K^4_0.5, N=8) with the compiled program's temp memory.
@@ -30,16 +31,15 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import Bench, bisect_decreasing
 from flax import nnx
 
-from moe_jax import dispatch, experts, routing
-from moe_jax.config import MoEConfig
+from moe_jax import routing, stats
+from moe_jax.core.config import MoEConfig
 from moe_jax.moe import FFN, MoE
 
 D_MODEL = 512
@@ -70,14 +70,8 @@ def calibrate_null_bias(layer: MoE, x: jax.Array) -> float:
         r = routing.null_router(logits, top_k=cfg.top_k, num_nulls=cfg.num_nulls)
         return jnp.mean(jnp.sum(r.expert_ids < cfg.num_experts, axis=1))
 
-    lo, hi = -10.0, 10.0  # real_per_token falls as the null bias grows
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if float(real_per_token(mid)) > target:
-            lo = mid
-        else:
-            hi = mid
-    bias = (lo + hi) / 2
+    # real_per_token falls as the null bias grows
+    bias = bisect_decreasing(lambda b: float(real_per_token(b)), target, -10.0, 10.0, 40)
     layer.router.kernel[...] = kernel.at[0, cfg.num_experts].set(bias)
     return float(real_per_token(bias))
 
@@ -108,26 +102,7 @@ def einsum_moe(layer: MoE, x: jax.Array, capacity: int):
     g = jnp.einsum("ncd,ndf->ncf", xe, layer.w_gate[...])  # [N, C, F]
     ye = jnp.einsum("ncf,nfd->ncd", jax.nn.silu(g) * h, layer.w_out[...])  # [N, C, D]
     y = jnp.einsum("tnc,ncd->td", combine_t, ye)  # [T, D]
-    return y, cfg.effective_lb_coef * r.lb_loss + cfg.z_coef * r.z_loss
-
-
-def unfused_moe(layer: MoE, x: jax.Array):
-    """The routed path before fusion, same router and weights: gather rows into [R, D], the
-    per-matmul "tiled" grouped matmuls over [R, 2F] and [R, D], combine back to tokens."""
-    cfg = layer.config
-    r = routing.route(layer.router(x), cfg)
-    plan = dispatch.make_plan(r.expert_ids, r.weights, cfg.num_experts)
-    xs = dispatch.gather(x, plan)  # [R, D]
-    ys = experts.expert_ffn(
-        xs,
-        plan.group_sizes,
-        layer.w_in[...],
-        layer.w_out[...],
-        w_gate=layer.w_gate[...],
-        backend="tiled",
-    )  # [R, D]
-    y = dispatch.combine(ys, plan, x.shape[0])  # [T, D]
-    return y, cfg.effective_lb_coef * r.lb_loss + cfg.z_coef * r.z_loss
+    return y, stats.aux_loss(cfg, r.lb_loss, r.z_loss)
 
 
 def fwd_bwd(module: nnx.Module, call):
@@ -144,49 +119,6 @@ def fwd_bwd(module: nnx.Module, call):
 def moe_call(m, x):
     y, aux = m(x)
     return y, aux["aux_loss"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing.
-# ---------------------------------------------------------------------------------------------
-class Bench:
-    """Variants registered by name, compiled once, timed in interleaved rounds."""
-
-    def __init__(self):
-        self.fns = {}
-        self.mem = {}
-        self.times = {}
-        self.info = {}
-        self.estimate = {}
-
-    def add(self, name, fn, *args, **info):
-        compiled = fn.lower(*args).compile()
-        mem = compiled.memory_analysis()
-        self.mem[name] = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))  # warm-up, timed: sets the calls per round
-        self.estimate[name] = time.perf_counter() - t0
-        self.fns[name] = (compiled, args)
-        self.times[name] = []
-        self.info[name] = info
-
-    def run(self, repeats: int):
-        """Interleaved rounds. In each, a variant under a second gets one untimed call first,
-        so caches and memory evicted by the multi-GiB peers timed before it do not land on
-        its measurement, and then as many timed calls as fit in about half a second (up to
-        10), so the short variants, the noisiest on a shared machine, get more samples."""
-        for _ in range(repeats):
-            for name, (fn, args) in self.fns.items():
-                est = self.estimate[name]
-                if est < 1.0:
-                    jax.block_until_ready(fn(*args))
-                for _ in range(max(1, min(10, int(0.5 / max(est, 1e-3))))):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fn(*args))
-                    self.times[name].append(time.perf_counter() - t0)
-
-    def ms(self, name):
-        return 1e3 * statistics.median(self.times[name])
 
 
 def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: bool, log):
@@ -221,11 +153,9 @@ def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: b
     if peers:
         for backend in ("ragged", "dense"):
             add_moe(f"{backend} K4 rho=0.5", 4, 0.5, backend)
+        add_moe("unfused tiled K4 rho=0.5", 4, 0.5, "tiled_unfused")
         layer = make_moe(n, f, 4, 0.5, "tiled")
         calibrate_null_bias(layer, x)
-        fn, params = fwd_bwd(layer, lambda m, x: unfused_moe(m, x))
-        bench.add("unfused tiled K4 rho=0.5", fn, params, x, dy)
-        log("  compiled unfused tiled")
         for cf in (1.0, 1.25):
             cap = math.ceil(cf * tokens * 4 * 0.5 / n)
             fn, params = fwd_bwd(layer, lambda m, x, cap=cap: einsum_moe(m, x, cap))

@@ -1,8 +1,8 @@
 """Held-out loss and per-token routing from one jitted forward pass.
 
 ``heldout(cfg, graphdef, params, rest)`` runs the eval split once: the next-token loss and, for
-every MoE layer, the expert ids each token picked (recorded from ``routing.route`` while the
-forward is traced, so they come out as jit outputs). From the ids it derives the per-token
+every MoE layer, the expert ids each token picked (the model's opt-in routing output,
+moe_jax.model.forward_with_routing, returned from the jitted forward). From the ids it derives the per-token
 numbers the study reports: real experts per vision / text token, each modality's share of
 MoE compute, tokens with zero real experts, and shape (foreground) vs background patches.
 """
@@ -17,8 +17,7 @@ from flax import nnx
 
 from moe_jax import data as data_lib
 from moe_jax import model as model_lib
-from moe_jax import plots
-from moe_jax.train_config import TrainConfig
+from moe_jax.train.config import TrainConfig
 
 PAD = 0  # text pad id (moe_jax.data): pad positions are left out of every routing statistic
 
@@ -26,9 +25,10 @@ PAD = 0  # text pad id (moe_jax.data): pad positions are left out of every routi
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, rest, batch):
     """(loss sum, target count, [expert ids [T, S] per MoE layer]) of one held-out batch."""
-    with plots.record_routing() as calls:
-        model = nnx.merge(graphdef, params, rest)
-        logits, _ = model(batch["tokens"], batch.get("image"), deterministic=True)
+    model = nnx.merge(graphdef, params, rest)
+    (logits, _), calls = model_lib.forward_with_routing(
+        model, batch["tokens"], batch.get("image"), deterministic=True
+    )
     loss, count = model_lib.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return loss * count, count, [ids for ids, _ in calls]
 

@@ -3,7 +3,7 @@
 Each --run is ``<config arg>@<workdir>`` of a run trained with
 ``python train.py --config=configs/default.py:<config arg> --workdir=<workdir>`` (plus the same
 --set overrides as --config.<key>=<value>). The latest complete checkpoint of every run is
-evaluated on the held-out split at each point its router supports (moe_jax.sweep.points_for):
+evaluated on the held-out split at each point its router supports (moe_jax.train.sweep.points_for):
 t_eval x gamma_eval for the threshold router, capacity_eval_topk for top-k, one point for the
 null router. Held-out loss goes against measured MoE-layer FLOPs per token, normalized to the
 first run's full compute (every expert on every token: the t = 1.0 dense compute of a
@@ -222,8 +222,8 @@ def _runs() -> list[tuple[str, str]]:
 def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-restore INFO lines off the console
     from moe_jax import model as model_lib
-    from moe_jax import sweep
-    from moe_jax.train_config import from_config_dict
+    from moe_jax.train import sweep
+    from moe_jax.train.config import from_config_dict
 
     if not _RUN.value:
         raise app.UsageError("give at least one --run=<config arg>@<workdir>")

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 
 from experiments import aggregate  # noqa: E402
 from experiments.arms import ARMS_BY_NAME, CONTROLLER_BASELINE  # noqa: E402
-from moe_jax import plots  # noqa: E402
+from moe_jax.train import plots  # noqa: E402
 
 
 def _save(fig, path: str) -> str:

@@ -1,8 +1,10 @@
-"""One study run: the library's jitted train_step in a lean loop, then the held-out analysis.
+"""One study run: moe_jax's training loop (moe_jax.train.Loop) with a recording hook, then the
+held-out analysis.
 
-The loop is moe_jax.loop without checkpoints, TensorBoard or plots: it dispatches step t before
-it reads step t-1's metrics, records the routing statistics of every step (per MoE layer, so the
-controller's tracking error is measured where it acts), and times the steady-state steps.
+The hook records the routing statistics of every step (per MoE layer, so the controller's
+tracking error is measured where it acts) and times the steady-state steps; the loop itself
+is the one train.py runs, so every config option (grad_accum, schedules, the mesh) behaves the
+same in the study.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import math
 import os
 import time
 
-import jax
 import numpy as np
 
-from moe_jax import data as data_lib
-from moe_jax import flops, summary, training
-from moe_jax import metrics as metrics_lib
-from moe_jax.train_config import TrainConfig, from_config_dict
+from moe_jax import flops, train
+from moe_jax.model import summary
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.train.config import TrainConfig, from_config_dict
 
 TIMING_SKIP = 10  # steps (compile and warm-up) left out of the wall-clock per step
 
@@ -59,34 +60,56 @@ def train_flops(cfg: TrainConfig, real_per_token: float | None) -> float:
     return 3.0 * per_seq * cfg.data.batch_size * cfg.num_steps
 
 
+class _Recorder:
+    """Loop hook: a host row of every step's metrics, the steady-state clock, the final state."""
+
+    def __init__(self):
+        self.rows, self.t_ref, self.t_end, self.final = [], None, None, None
+
+    def on_step(self, step: int, m) -> None:
+        self.rows.append(_step_row(step, m))
+        now = time.perf_counter()
+        if step == TIMING_SKIP:
+            self.t_ref = now
+        self.t_end = now
+
+    def on_end(self, graphdef, state) -> None:
+        self.final = (graphdef, state)
+
+
+def _study_config(config):
+    """The run's ConfigDict as the study trains it: moe_jax's loop with a checkpoint at the end
+    only, a fresh start every time (--reuse works per run, on result.json), no TensorBoard,
+    plots, progress bar or periodic evals (the held-out analysis runs afterwards)."""
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    c["ckpt"] = {**c.get("ckpt", {}), "every_steps": 0, "keep": 1, "resume": False}
+    c["log"] = {
+        **c.get("log", {}),
+        "tensorboard": False,
+        "progress": False,
+        "plots": False,
+        "eval_every": 0,
+    }
+    return c
+
+
 def run_one(config, workdir: str, *, keep_maps: int = 0) -> dict:
-    """Trains one ConfigDict and returns its metrics (also written to <workdir>/result.json)."""
+    """Trains one ConfigDict with moe_jax's training loop (every option of the config, e.g.
+    grad_accum, applies) and returns its metrics (also written to <workdir>/result.json)."""
     from experiments import analysis  # local: keeps `python -m experiments.arms` light
 
-    cfg = from_config_dict(config)
+    cfg = from_config_dict(_study_config(config))
     os.makedirs(workdir, exist_ok=True)
-    graphdef, state = training.init_state(cfg)
-    tx, schedule = training.make_optimizer(cfg.opt, cfg.num_steps)
-    kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=training.StepSpec(1))
-    train_iter = data_lib.make_dataset(cfg.data, "train", seed=cfg.seed)
-    never = np.int32(-1)
-    rows, pending, t_ref = [], None, None
+    rec = _Recorder()
     t0 = time.perf_counter()
-    for step in range(1, cfg.num_steps + 1):
-        batch = next(train_iter)
-        state, m = training.train_step(state, batch, never, **kw)
-        if pending is not None:
-            rows.append(_step_row(*pending))
-            if pending[0] == TIMING_SKIP:
-                t_ref = time.perf_counter()
-        pending = (step, m)
-    rows.append(_step_row(*pending))
-    jax.block_until_ready(state["params"])
-    t_end = time.perf_counter()
+    train.run(cfg, workdir, hooks=[rec])
     timed = cfg.num_steps - TIMING_SKIP
-    sec_per_step = (t_end - t_ref) / timed if t_ref is not None and timed > 0 else math.nan
-    if not all(math.isfinite(r["loss"]) for r in rows):
-        raise FloatingPointError(f"run {cfg.name}: non-finite training loss")
+    sec_per_step = (
+        (rec.t_end - rec.t_ref) / timed if rec.t_ref is not None and timed > 0 else math.nan
+    )
+    rows = rec.rows
+    graphdef, state = rec.final
+    train_seconds = time.perf_counter() - t0
 
     ev = analysis.heldout(cfg, graphdef, state["params"], state["rest"], keep_maps=keep_maps)
     real = [float(np.mean(r["real_per_token"])) for r in rows if "real_per_token" in r]
@@ -96,7 +119,7 @@ def run_one(config, workdir: str, *, keep_maps: int = 0) -> dict:
         "steps": cfg.num_steps,
         "tokens_per_step": cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len),
         "sec_per_step": sec_per_step,
-        "train_seconds": t_end - t0,
+        "train_seconds": train_seconds,
         "final_train_loss": float(np.mean([r["loss"] for r in rows[-10:]])),
         "train_real_per_token": float(np.mean(real)) if real else None,
         "train_flops": train_flops(cfg, float(np.mean(real)) if real else None),

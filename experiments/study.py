@@ -7,7 +7,7 @@ write-up with tables and plots in <out>/<name>.md and <out>/<name>/*.png.
 
 Arms share the data (fixed scene content and held-out set), token budget, optimizer and seeds;
 seed s sets the initialization and the train shuffle of every arm alike. Runs are in-process
-calls of moe_jax.training.train_step in a lean loop (experiments/runner.py); their results land
+runs of moe_jax.train.Loop with a recording hook (experiments/runner.py); their results land
 in <workdir>/<arm>_s<seed>/result.json and --reuse skips runs that already have one.
 """
 

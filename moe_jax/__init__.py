@@ -1,10 +1,14 @@
-"""moe_jax: Mixture-of-Experts layers for JAX/Flax NNX with null experts and XMoE routing."""
+"""moe_jax: Mixture-of-Experts layers for JAX/Flax NNX with null experts and XMoE routing.
 
-from moe_jax import dispatch, experts, flops, losses, routing
-from moe_jax.config import MoEConfig
+The house (each package imports only the ones before it; tests/test_layout.py holds it):
+core -> experts -> parallel -> moe -> model -> data -> train. kernels_pallas is standalone.
+"""
+
+from moe_jax.core import dispatch, flops, losses, routing, stats
+from moe_jax.core.config import MoEConfig
+from moe_jax.core.routing import Routing
 from moe_jax.experts import register_backend
 from moe_jax.moe import FFN, MoE
-from moe_jax.routing import Routing
 
 __all__ = [
     "FFN",
@@ -12,10 +16,10 @@ __all__ = [
     "MoEConfig",
     "Routing",
     "dispatch",
-    "experts",
     "flops",
     "losses",
     "register_backend",
     "routing",
+    "stats",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,12 @@
-"""The MoE layer as a Flax NNX module: it owns parameters and calls the pure functions."""
+"""The MoE layer as a Flax NNX module: it owns parameters and calls the pure functions.
+
+    y, aux = MoE(cfg, rngs=nnx.Rngs(0))(x, modality)
+
+x [B, L, D] -> tokens [T, D] -> router logits (fp32) -> either the single-device path
+(`local_forward`: route, dispatch plan, experts.routed_ffn) or the expert-parallel one
+(`parallel.ep_forward`, one shard_map) -> shared expert -> aux (core.stats.layer_aux) ->
+one step of the selection-bias controllers in training.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch, experts, fused_xla, routing
-from moe_jax.config import MoEConfig
+from moe_jax.core import dispatch, routing, stats
+from moe_jax.core.config import MoEConfig
+from moe_jax.experts import ExpertParams, get_backend, routed_ffn
+from moe_jax.parallel import ExpertParallel, ep_forward
 
 
 class FFN(nnx.Module):
@@ -36,55 +46,6 @@ class FFN(nnx.Module):
         return self.w_out(h)
 
 
-def _stats(cfg: MoEConfig, r: routing.Routing, modality: jax.Array | None, axis_name=None):
-    """Routing statistics (no gradient). null_ratio = null picks / (T*K)."""
-    n = cfg.num_experts
-    ids = r.expert_ids
-    t, s = ids.shape
-    real = (ids < n).astype(jnp.float32)  # [T, S] after drops
-    real_tok = jnp.sum(real, axis=1)  # [T]
-    load = jnp.zeros((n,), jnp.float32).at[ids.reshape(-1)].add(1.0, mode="drop")  # [N]
-    dropped = r.dropped.astype(jnp.float32)
-    null_slots = r.null_slots.astype(jnp.float32)
-    sums = {
-        "tokens": jnp.asarray(t, jnp.float32),
-        "real": jnp.sum(real_tok),
-        "null": jnp.sum(null_slots),
-        "dropped": jnp.sum(dropped),
-        "zero": jnp.sum((real_tok == 0).astype(jnp.float32)),
-        "load": load,
-    }
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name)
-    tokens = sums["tokens"]
-    k_slots = cfg.top_k if cfg.router == "null" else s
-    stats = {
-        "null_ratio": sums["null"] / (tokens * k_slots),
-        "real_per_token": sums["real"] / tokens,
-        "zero_compute_fraction": sums["zero"] / tokens,
-        "expert_load": sums["load"] / jnp.maximum(jnp.sum(sums["load"]), 1.0),
-        "drop_fraction": sums["dropped"] / jnp.maximum(sums["real"] + sums["dropped"], 1.0),
-        "num_real": sums["real"],
-    }
-    if modality is not None:
-        nm = cfg.num_modalities
-        mod = modality.reshape(-1).astype(jnp.int32)  # [T]
-        per = lambda v: jnp.zeros((nm,), jnp.float32).at[mod].add(v, mode="drop")  # noqa: E731
-        m_sums = {
-            "tokens": per(jnp.ones_like(real_tok)),
-            "real": per(real_tok),
-            "null": per(null_slots),
-        }
-        if axis_name is not None:
-            m_sums = jax.lax.psum(m_sums, axis_name)
-        denom = jnp.maximum(m_sums["tokens"], 1.0)
-        stats["modality_tokens"] = m_sums["tokens"]
-        stats["null_ratio_by_modality"] = m_sums["null"] / (denom * k_slots)
-        stats["real_per_token_by_modality"] = m_sums["real"] / denom
-        stats["compute_share_by_modality"] = m_sums["real"] / jnp.maximum(sums["real"], 1.0)
-    return jax.tree.map(jax.lax.stop_gradient, stats)
-
-
 class RouterBias(nnx.Variable):
     """Selection-only router bias (aux-loss-free balancing / null-ratio controller); updated in
     training forward passes, never by the optimizer."""
@@ -97,14 +58,18 @@ class MoE(nnx.Module):
     w_in [N, D, F], w_gate [N, D, F] (SwiGLU), w_out [N, F, D], optional b_in/b_out and shared.
     Eval behaviour (threshold_eval / capacity_factor_eval) applies when ``deterministic`` is
     set, by argument or through ``layer.eval()``. With ``parallel`` (an ExpertParallel) the
-    layer runs expert-parallel over its mesh (moe_jax.ep).
+    layer runs expert-parallel over its mesh (moe_jax.parallel.ep).
     """
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, parallel=None):
+    def __init__(
+        self, config: MoEConfig, *, rngs: nnx.Rngs, parallel: ExpertParallel | None = None
+    ):
         cfg = config
+        get_backend(cfg.backend)  # an unavailable backend fails here, naming MoEConfig.backend
         self.config = cfg
         self.parallel = parallel  # moe_jax.parallel.ExpertParallel or None (one device)
         self.deterministic = False
+        self.record_routing = False  # sow the expert ids of each call (see record_routing())
         pdt = jnp.dtype(cfg.param_dtype)
         d, f, n = cfg.d_model, cfg.d_ff, cfg.num_experts
         self.router = nnx.Linear(
@@ -157,97 +122,113 @@ class MoE(nnx.Module):
         if modality is not None and modality.shape != x.shape[:-1]:
             raise ValueError(f"modality ids must have shape {x.shape[:-1]}, got {modality.shape}")
         deterministic = self.deterministic if deterministic is None else deterministic
-        if self.parallel is not None:
-            from moe_jax import ep  # expert parallelism: one shard_map over the mesh
-
-            return ep.ep_forward(self, x, modality, deterministic)
+        train = not deterministic
         lead = x.shape[:-1]
-        xt = x.reshape(-1, cfg.d_model)  # [T, D]
-        t = xt.shape[0]
-        axis = cfg.lb_axis_name if cfg.lb_scope == "global" else None
-
-        with jax.named_scope("route"):
+        xt = x.reshape(-1, cfg.d_model)  # [T, D], batch-major (the EP token split follows it)
+        mod = None if modality is None else modality.reshape(-1)  # [T]
+        with jax.named_scope("router_logits"):
             logits = self.router(xt.astype(jnp.dtype(cfg.router_dtype)))  # [T, N(+1)]
-            bias = None if self.selection_bias is None else self.selection_bias[...]
-            r = routing.route(
-                logits, cfg, train=not deterministic, axis_name=axis, selection_bias=bias
+        bias = None if self.selection_bias is None else self.selection_bias[...]  # [N(+1)]
+        params = self.expert_params()
+        if self.parallel is None:
+            y, lb, z, st, ids = local_forward(xt, logits, mod, bias, params, cfg, train=train)
+        else:
+            self.parallel.check(cfg, x.shape[0])  # names the batch size, before flattening
+            y, lb, z, st, ids = ep_forward(
+                xt, logits, mod, bias, params, cfg, self.parallel, train=train
             )
-        y = self._routed(xt, r, t, train=not deterministic)
+        if self.record_routing:
+            self.sow(nnx.Intermediate, "expert_ids", ids)  # [T, S]; see routing_ids()
         if self.shared is not None:
             with jax.named_scope("shared_expert"):
                 y = y + self.shared(xt).astype(y.dtype)
-        aux = {
-            "lb_loss": r.lb_loss,
-            "z_loss": r.z_loss,
-            "aux_loss": cfg.effective_lb_coef * r.lb_loss + cfg.z_coef * r.z_loss,
-            **_stats(cfg, r, modality, axis),
-        }
-        self._update_selection_bias(aux, deterministic)
+        aux = stats.layer_aux(cfg, lb, z, st)
+        if self.selection_bias is not None and train:
+            aux["null_bias"] = bias[-1] if cfg.router == "null" else jnp.zeros(())
+            self.selection_bias[...] = routing.update_selection_bias(
+                bias,
+                expert_load=aux["expert_load"],
+                null_ratio=aux["null_ratio"],
+                target_null_ratio=1.0 - cfg.density,
+                expert_rate=cfg.bias_update_rate,
+                null_rate=cfg.null_bias_update_rate,
+            )  # functional loops carry this RouterBias state out of the step (not a Param)
         return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux
 
-    def _update_selection_bias(self, aux: dict, deterministic: bool) -> None:
-        """After a training forward pass, move the selection bias one step (see
-        routing.update_selection_bias). Functional training loops must carry the updated
-        RouterBias state out of the step (it is not a Param)."""
-        cfg = self.config
-        if self.selection_bias is None or deterministic:
-            return
-        aux["null_bias"] = self.selection_bias[...][-1] if cfg.router == "null" else jnp.zeros(())
-        self.selection_bias[...] = routing.update_selection_bias(
-            self.selection_bias[...],
-            expert_load=aux["expert_load"],
-            null_ratio=aux["null_ratio"],
-            target_null_ratio=1.0 - cfg.density,
-            expert_rate=cfg.bias_update_rate,
-            null_rate=cfg.null_bias_update_rate,
+    def expert_params(self) -> ExpertParams:
+        """Expert weights in the compute dtype (biases as stored)."""
+        cdt = jnp.dtype(self.config.dtype)
+        opt = lambda p, cast=True: None if p is None else (p[...].astype(cdt) if cast else p[...])  # noqa: E731
+        return ExpertParams(
+            opt(self.w_in),
+            opt(self.w_gate),
+            opt(self.w_out),
+            opt(self.b_in, False),
+            opt(self.b_out, False),
         )
 
-    def _routed(self, xt: jax.Array, r: routing.Routing, t: int, *, train: bool) -> jax.Array:
-        cfg = self.config
-        cdt = jnp.dtype(cfg.dtype)
-        cap = cfg.expert_capacity(t, train=train)
-        max_rows = (
-            None
-            if cfg.router in ("null", "topk", "switch") or cap is None
-            else cfg.num_experts * cap
-        )
-        with jax.named_scope("dispatch"):
-            plan = dispatch.make_plan(r.expert_ids, r.weights, cfg.num_experts, max_rows)
-        if experts.resolve_backend(cfg.backend) == "tiled":
-            with jax.named_scope("experts_fused"):
-                return self._fused_experts(xt.astype(cdt), plan)
-        with jax.named_scope("dispatch"):
-            xs = dispatch.gather(xt.astype(cdt), plan)  # [R, D]
-        with jax.named_scope("experts"):
-            ys = experts.expert_ffn(
-                xs,
-                plan.group_sizes,
-                self.w_in[...].astype(cdt),
-                self.w_out[...].astype(cdt),
-                w_gate=None if self.w_gate is None else self.w_gate[...].astype(cdt),
-                b_in=None if self.b_in is None else self.b_in[...],
-                b_out=None if self.b_out is None else self.b_out[...],
-                activation=cfg.activation,
-                backend=cfg.backend,
-            )  # [R, D]
-        with jax.named_scope("combine"):
-            return dispatch.combine(ys, plan, t, out_dtype=cdt)
 
-    def _fused_experts(self, xt: jax.Array, plan: dispatch.Plan) -> jax.Array:
-        """Gather, expert FFN and combine in one loop over the real row tiles (fused_xla):
-        nothing of size [T*K, .] is built. Routing weights get their gradient through
-        plan.weights."""
-        cdt = xt.dtype
-        opt = lambda p: None if p is None else p[...]  # noqa: E731
-        return fused_xla.fused_moe_ffn(
-            xt,
+def local_forward(
+    xt: jax.Array,
+    logits: jax.Array,
+    modality: jax.Array | None,
+    selection_bias: jax.Array | None,
+    params: ExpertParams,
+    cfg: MoEConfig,
+    *,
+    train: bool,
+):
+    """Single-device routed experts: route -> dispatch plan -> experts.routed_ffn.
+
+    Same arguments and results as parallel.ep_forward:
+    (y [T, D], lb_loss, z_loss, stats, expert_ids [T, S])."""
+    t = xt.shape[0]
+    axis = cfg.lb_axis_name if cfg.lb_scope == "global" else None
+    with jax.named_scope("route"):
+        r = routing.route(logits, cfg, train=train, axis_name=axis, selection_bias=selection_bias)
+    cap = cfg.expert_capacity(t, train=train)
+    max_rows = (
+        None if cfg.router in ("null", "topk", "switch") or cap is None else cfg.num_experts * cap
+    )
+    with jax.named_scope("dispatch"):
+        plan = dispatch.make_plan(r.expert_ids, r.weights, cfg.num_experts, max_rows)
+    with jax.named_scope("experts"):
+        y = routed_ffn(
+            xt.astype(jnp.dtype(cfg.dtype)),
             plan.token_idx,
             plan.weights,
             plan.group_sizes,
-            self.w_in[...].astype(cdt),
-            None if self.w_gate is None else self.w_gate[...].astype(cdt),
-            self.w_out[...].astype(cdt),
-            opt(self.b_in),
-            opt(self.b_out),
-            activation=self.config.activation,
+            params,
+            activation=cfg.activation,
+            backend=cfg.backend,
         )  # [T, D]
+    st = stats.routing_stats(cfg, r, modality, axis)
+    return y, r.lb_loss, r.z_loss, st, r.expert_ids
+
+
+def set_parallel(model: nnx.Module, ep: ExpertParallel | None) -> nnx.Module:
+    """Turn expert parallelism on (or off with None) for every MoE layer inside `model`."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoE):
+            module.parallel = ep
+    return model
+
+
+def record_routing(model: nnx.Module, enabled: bool = True) -> nnx.Module:
+    """Opt every MoE layer inside `model` in (or out) of sowing its expert ids [T, S] as an
+    nnx.Intermediate on each call; read them with routing_ids(model)."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoE):
+            module.record_routing = enabled
+    return model
+
+
+def routing_ids(model: nnx.Module) -> list[tuple[jax.Array, int]]:
+    """[(expert ids [T, S], N)] of every recorded MoE call, layers in graph order, and clears
+    them. Ids >= N are null or dropped slots. Inside jit the ids are tracers: return them."""
+    out = []
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoE) and hasattr(module, "expert_ids"):
+            out.extend((ids, module.config.num_experts) for ids in module.expert_ids.get_value())
+            del module.expert_ids
+    return out

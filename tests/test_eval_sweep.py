@@ -23,9 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
-from moe_jax import data, flops, routing, sweep, train_config, training  # noqa: E402
-from moe_jax.config import MoEConfig  # noqa: E402
+from moe_jax import data, flops, routing  # noqa: E402
+from moe_jax import train as training  # noqa: E402
+from moe_jax.core.config import MoEConfig  # noqa: E402
 from moe_jax.moe import MoE  # noqa: E402
+from moe_jax.train import config as train_config  # noqa: E402
+from moe_jax.train import sweep  # noqa: E402
 
 SMOKE_STEPS = 4
 

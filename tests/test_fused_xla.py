@@ -12,9 +12,9 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_jax import dispatch, experts
-from moe_jax.config import MoEConfig
-from moe_jax.fused_xla import fused_moe_ffn
+from moe_jax import experts
+from moe_jax.core.config import MoEConfig
+from moe_jax.experts.fused_xla import fused_moe_ffn
 from moe_jax.moe import MoE
 
 T, D, F, N, R = 16, 12, 8, 3, 40  # fixed shapes (R > T: tokens repeat); sizes are traced
@@ -84,17 +84,12 @@ def _fused(x, w, wi, wg, wo, bi, bo, tok, gs, dy, activation, tm):
 
 @functools.partial(jax.jit, static_argnames=("activation",))
 def _reference(x, w, wi, wg, wo, bi, bo, tok, gs, dy, activation):
-    """dispatch.gather -> experts.expert_ffn(backend="dense") -> dispatch.combine, in f32."""
-    valid = jnp.arange(R) < jnp.sum(gs)  # [R]
+    """experts.routed_ffn on the dense reference backend (gather, grouped FFN, combine), f32."""
     f32 = lambda a: None if a is None else a.astype(jnp.float32)
 
     def fn(x, w, wi, wg, wo, bi, bo):
-        plan = dispatch.Plan(tok, jnp.where(valid, w, 0.0), gs, jnp.sum(gs), valid)
-        xs = dispatch.gather(x, plan)  # [R, D]
-        ys = experts.expert_ffn(
-            xs, gs, wi, wo, w_gate=wg, b_in=bi, b_out=bo, activation=activation, backend="dense"
-        )  # [R, D]
-        return dispatch.combine(ys, plan, T)  # [T, D]
+        params = experts.ExpertParams(wi, wg, wo, bi, bo)
+        return experts.routed_ffn(x, tok, w, gs, params, activation=activation, backend="dense")
 
     args = tuple(f32(a) for a in (x, w, wi, wg, wo, bi, bo))
     return fn(*args), jax.grad(functools.partial(_loss, fn, dy), argnums=ARGNUMS)(*args)

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_jax.gmm_xla import gmm, gmm_reference
+from moe_jax.experts.gmm_xla import gmm
+from moe_jax.experts.reference import dense_gmm as gmm_reference
 
 R, G, DIN, DOUT = 48, 5, 16, 8  # fixed shapes: group sizes vary as traced values
 TILES = (1, 10, 16, 64)  # 10 does not divide R (clamped last tile); 64 > R (one tile)

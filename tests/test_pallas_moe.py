@@ -40,6 +40,7 @@ def test_pallas_backend_matches_dense(router):
 
 
 def test_pallas_backend_is_the_kernel():
-    from moe_jax import experts, pallas_backend
+    from moe_jax import experts
+    from moe_jax.experts import pallas as pallas_backend
 
-    assert experts.get_backend("pallas") is pallas_backend.pallas_gmm
+    assert experts.get_backend("pallas") == (pallas_backend.pallas_gmm, False)

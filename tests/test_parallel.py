@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoE, MoEConfig, ep, experts, parallel
+from moe_jax import MoE, MoEConfig, experts, parallel
+from moe_jax.parallel import ep
 
 D, F, N = 16, 32, 8
 B, L = 8, 4  # 32 tokens: 4 per shard on 8 shards

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import experts, gmm_xla
-from moe_jax.config import MoEConfig
+from moe_jax import experts
+from moe_jax.core.config import MoEConfig
+from moe_jax.experts import fused_xla, registry
 from moe_jax.moe import MoE
 
 T, D, F, N = 24, 16, 8, 4
@@ -47,9 +48,8 @@ def _inputs(seed=0):
 
 def _compare(cfg, monkeypatch, tm, null_bias=None):
     if tm is not None:
-        monkeypatch.setitem(
-            experts._BACKENDS, "tiled", functools.partial(gmm_xla.gmm, tile_rows=tm)
-        )
+        fused = functools.partial(fused_xla.fused_moe_ffn, tile_rows=tm)
+        monkeypatch.setitem(registry._BACKENDS, "tiled", registry.Backend(fused, True))
     x, dy = _inputs()
     y_t, real_t, g_t = _grads(cfg.replace(backend="tiled"), x, dy, null_bias)
     y_d, real_d, g_d = _grads(cfg.replace(backend="dense"), x, dy, null_bias)

@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
-from moe_jax import metrics, train_config, training  # noqa: E402
+from moe_jax import train as training  # noqa: E402
+from moe_jax.train import config as train_config  # noqa: E402
+from moe_jax.train import metrics  # noqa: E402
 
 SMOKE_STEPS = 30
 
@@ -137,7 +139,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
         ({"data.patch_size": 5}, r"config\.data\.image_size"),
         ({"model.mode": "lm"}, r"config\.model\.mode"),
         ({"ckpt.keep": 0}, r"config\.ckpt\.keep"),
-        ({"moe.top_k": 8, "moe.rho": 0.25}, r"config\.moe\.top_k"),
+        ({"moe.top_k": 64}, r"config\.moe\.top_k"),  # more slots than N + M
         ({"mesh.expert": 3}, r"config\.mesh\.expert"),
     ],
 )
@@ -146,6 +148,17 @@ def test_invalid_value_rejected_before_compilation(tmp_path, overrides, pattern)
     with pytest.raises(ValueError, match=pattern):
         training.run(smoke(**overrides), str(wd))
     assert not wd.exists()  # nothing was built or written
+
+
+def test_top_k_above_num_experts_follows_the_library_rule():
+    """One rule for K > N: the null router takes top-K over N + M slots, so the CLI accepts
+    K > N whenever K <= N + M, exactly as MoEConfig does."""
+    c = smoke()
+    n = c.moe.num_experts
+    c.unlock()
+    c.moe.top_k, c.moe.rho = n + 2, 0.25
+    moe = train_config.from_config_dict(c).moe
+    assert moe.top_k > moe.num_experts and moe.top_k <= moe.num_experts + moe.num_nulls
 
 
 def test_unknown_config_keys_rejected():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import routing
-from moe_jax.config import MoEConfig
+from moe_jax import dispatch, experts
+from moe_jax.core.config import MoEConfig
 from moe_jax.model import ModelConfig, Transformer, model_summary
-from moe_jax.upcycle import upcycle, upcycle_ffn
+from moe_jax.model.upcycle import upcycle, upcycle_ffn
 
 D, F, V = 32, 64, 64
 
@@ -46,9 +46,10 @@ def test_slices_with_unit_weights_equal_dense_ffn(g):
     layer, ffn = model.blocks[0].ffn, dense.blocks[0].ffn
     x = jax.random.normal(jax.random.key(2), (12, D))
     ids = jnp.tile(jnp.arange(g, dtype=jnp.int32), (12, 1))  # [T, g] every slice
-    zeros = jnp.zeros((12,), jnp.int32)
-    r = routing.Routing(ids, jnp.ones((12, g)), jnp.zeros(()), jnp.zeros(()), zeros, zeros)
-    y = layer._routed(x, r, 12, train=False)  # the pure expert path, unit weights
+    plan = dispatch.make_plan(ids, jnp.ones((12, g)), g)
+    y = experts.routed_ffn(  # the pure expert path, unit weights
+        x, plan.token_idx, plan.weights, plan.group_sizes, layer.expert_params(), backend="dense"
+    )
     np.testing.assert_allclose(y, ffn(x), atol=1e-5, rtol=1e-5)
 
 

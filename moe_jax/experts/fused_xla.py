@@ -8,7 +8,7 @@ row tile, so that every cost beyond the routing sort follows the number of real 
 where rows are sorted by expert (group g owns rows [start_g, start_g + group_sizes[g])) and
 rows past sum(group_sizes) are ignored: their token index, weight and contents may be garbage.
 
-Why: the unfused path (dispatch.gather -> two grouped matmuls -> dispatch.combine) builds
+Why: the unfused path (gather -> two grouped matmuls -> combine, experts.ffn) builds
 [R, D], [R, 2F], [R, F] buffers with R = T*K static. Zero-filling, gathering, activating and
 scattering them costs O(T*K) even when most slots went to null experts. Here nothing of
 row count R (besides the [R] integer/weight vectors) is ever materialized.
@@ -46,7 +46,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moe_jax.gmm_xla import default_tile_rows
+from moe_jax.experts.gmm_xla import default_tile_rows
 
 _F32 = jnp.float32
 

@@ -137,15 +137,6 @@ def patch_foreground(mask: np.ndarray, patch_size: int) -> np.ndarray:
     return m.any(axis=(1, 3)).reshape(-1)  # [P]
 
 
-def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
-    """[..., H, W, C] -> [..., P, p*p*C], patches row-major (the order of patch_fg)."""
-    *lead, h, w, c = images.shape
-    p = patch_size
-    x = images.reshape(*lead, h // p, p, w // p, p, c)
-    x = np.moveaxis(x, -4, -3)  # [..., H/p, W/p, p, p, C]
-    return x.reshape(*lead, (h // p) * (w // p), p * p * c)
-
-
 class ShapesSource:
     """Random-access source of scene records for indices [start, start + length).
 

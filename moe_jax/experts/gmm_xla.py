@@ -179,15 +179,3 @@ def gmm(
         return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs.dtype, rhs.dtype))
     tm = min(tile_rows, num_rows)
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), tm)
-
-
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Plain jnp reference: per-row group id, every group on every row, masked."""
-    num_rows = lhs.shape[0]
-    ends = jnp.cumsum(group_sizes)  # [G]
-    rows = jnp.arange(num_rows)  # [R]
-    group_of_row = jnp.searchsorted(ends, rows, side="right")  # [R]; == G past the real rows
-    onehot = group_of_row[:, None] == jnp.arange(rhs.shape[0])[None, :]  # [R, G]
-    out = jnp.einsum("rd,gdf->rgf", lhs, rhs, preferred_element_type=jnp.float32)  # [R, G, F]
-    out = jnp.einsum("rgf,rg->rf", out, onehot.astype(out.dtype))  # [R, F]
-    return out.astype(jnp.result_type(lhs.dtype, rhs.dtype))

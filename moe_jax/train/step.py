@@ -1,6 +1,4 @@
-"""Train state, the jitted train / eval steps, and the training loop behind train.py.
-
-    summary = run(config_dict, workdir)
+"""Train state and the jitted train / eval steps (the loop behind train.py is train.loop).
 
 State is a pytree {"params": nnx.State, "rest": nnx.State, "opt": optax state, "step": int32,
 "rng": PRNG key}; the model is split once into (graphdef, params, rest) and ``train_step`` is
@@ -14,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import signal
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +20,11 @@ import optax
 from flax import nnx
 
 from moe_jax import data as data_lib
-from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel
-from moe_jax.train_config import OptConfig, TrainConfig, from_config_dict
+from moe_jax.moe import set_parallel
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.train.config import OptConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +78,7 @@ def init_state(cfg: TrainConfig, ep=None):
     create = lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
     abstract = nnx.eval_shape(create)
     if ep is not None:
-        parallel.enable(abstract, ep)
+        set_parallel(abstract, ep)
     graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
     params, rest = _init_params(cfg.model, cfg.seed)
     if ep is not None:
@@ -179,47 +176,3 @@ def evaluate(cfg: TrainConfig, graphdef, state) -> dict[str, float]:
         if not isinstance(moe_rows[0][key], list):
             row[f"eval/{key}"] = float(np.mean([r[key] for r in moe_rows]))
     return row
-
-
-def _batch_crc(batch) -> int:
-    """Fingerprint of a batch's content (tokens and image bytes): data order in the logs."""
-    crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
-    if "image" in batch:
-        crc = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes(), crc)
-    return crc
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls (installed in the main thread only)."""
-
-    def __init__(self):
-        self.requested, self._old = False, None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def run(config, workdir: str, *, stop_at: int | None = None) -> dict:
-    """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``; see the module docstring.
-
-    stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
-    schedule still follows config.num_steps, so a later run resumes the same trajectory.
-    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}.
-    Raises NonFiniteLossError on a NaN/Inf loss and ValueError on an invalid config.
-    """
-    cfg = config if isinstance(config, TrainConfig) else from_config_dict(config)
-    from moe_jax.loop import Loop  # the loop body lives in its own file
-
-    with _Preemption() as preempt:
-        return Loop(cfg, workdir, preempt, stop_at=stop_at).run()

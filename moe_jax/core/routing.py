@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax import losses
-from moe_jax.dispatch import stable_sort_by_key
+from moe_jax.core import losses
+from moe_jax.core.dispatch import stable_sort_by_key
 
 
 class Routing(NamedTuple):

@@ -1,5 +1,8 @@
 """The training loop: resume, step, fetch metrics one step late, checkpoint, eval, plot.
 
+    result = run(config_dict_or_TrainConfig, workdir)            # what train.py calls
+    result = Loop(cfg, workdir, preempt, hooks=[my_hook]).run()  # experiments add hooks
+
 Order inside one iteration: draw batch t, dispatch train_step t, then read step t-1's metrics
 (the device is already busy with t). Before a checkpoint or an eval at step t the loop reads
 step t's metrics too, so every saved checkpoint has a finite loss: the "last good checkpoint"
@@ -11,25 +14,55 @@ from __future__ import annotations
 import collections
 import math
 import os
+import signal
 import time
+import zlib
+from typing import Protocol
 
 import numpy as np
 
 from moe_jax import data as data_lib
-from moe_jax import metrics as metrics_lib
 from moe_jax import model as model_lib
-from moe_jax import parallel, plots
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.train_config import TrainConfig
-from moe_jax.training import (
+from moe_jax import parallel
+from moe_jax.train import metrics as metrics_lib
+from moe_jax.train import plots
+from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.config import TrainConfig, from_config_dict
+from moe_jax.train.step import (
     NonFiniteLossError,
     StepSpec,
-    _batch_crc,
     evaluate,
     init_state,
     make_optimizer,
     train_step,
 )
+
+
+class Hook(Protocol):
+    """Optional callbacks into a run (experiments use them; both methods may be left out).
+
+    on_step(step, metrics): every step, when the loop reads its metrics (one step after it
+    was dispatched; `metrics` are the train step's device arrays, the loss already checked).
+    on_end(graphdef, state): once after the last step of a finished run (not on preemption),
+    with the single-device graphdef and the final train state.
+    """
+
+    def on_step(self, step: int, metrics: dict) -> None: ...
+
+    def on_end(self, graphdef, state) -> None: ...
+
+
+def run(config, workdir: str, *, stop_at: int | None = None, hooks=()) -> dict:
+    """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``.
+
+    stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
+    schedule still follows config.num_steps, so a later run resumes the same trajectory.
+    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}.
+    Raises NonFiniteLossError on a NaN/Inf loss and ValueError on an invalid config.
+    """
+    cfg = config if isinstance(config, TrainConfig) else from_config_dict(config)
+    with _Preemption() as preempt:
+        return Loop(cfg, workdir, preempt, stop_at=stop_at, hooks=hooks).run()
 
 
 def summary(cfg: TrainConfig) -> str:
@@ -47,9 +80,12 @@ def summary(cfg: TrainConfig) -> str:
 class Loop:
     """One run of ``cfg`` in ``workdir``; ``preempt.requested`` turns true on SIGTERM."""
 
-    def __init__(self, cfg: TrainConfig, workdir: str, preempt, *, stop_at: int | None = None):
+    def __init__(
+        self, cfg: TrainConfig, workdir: str, preempt, *, stop_at: int | None = None, hooks=()
+    ):
         self.cfg, self.workdir, self.preempt = cfg, os.path.abspath(workdir), preempt
         self.stop_at = stop_at
+        self.hooks = tuple(hooks)
         self.tokens_per_step = cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len)
         self.last_saved: int | None = None
         self.final_loss = math.nan
@@ -94,7 +130,7 @@ class Loop:
         try:
             for step in range(start + 1, cfg.num_steps + 1):
                 batch = next(train_iter)
-                crc = _batch_crc(batch)
+                crc = batch_crc(batch)
                 if mesh is not None:
                     batch = parallel.shard_batch(batch, mesh)
                 state, m = train_step(state, batch, fail_at, **kw)
@@ -127,6 +163,9 @@ class Loop:
                 self.writer.write(step, result["eval"])
                 self.writer.flush()
                 self._finish(graphdef, state, result)
+                for hook in self.hooks:
+                    if hasattr(hook, "on_end"):
+                        hook.on_end(self.plain_graphdef, state)
         finally:
             self.progress.close()
             self.ckpt.close()
@@ -151,6 +190,9 @@ class Loop:
                 f"training loss is {loss} at step {step}; stopping. Last good checkpoint: {where}"
             )
         self.final_loss = loss
+        for hook in self.hooks:
+            if hasattr(hook, "on_step"):
+                hook.on_step(step, m)
         tps = math.nan
         if self._recent and step > self._recent[0][0]:
             first_step, first_time = self._recent[0]
@@ -229,3 +271,32 @@ class Loop:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
+
+
+def batch_crc(batch) -> int:
+    """Fingerprint of a batch's content (tokens and image bytes): data order in the logs."""
+    crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+    if "image" in batch:
+        crc = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes(), crc)
+    return crc
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls (installed in the main thread only)."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)

@@ -11,7 +11,7 @@ Usage:
 Batch format (b = batch_size // process_count, L = text_len, P = (image_size // patch_size)**2):
     "image"     [b, H, W, 3] float32 in [0, 1]  (kinds "shapes", "manifest")
     "patch_fg"  [b, P] bool   patch touches a shape; patches row-major over (H/p, W/p), the
-                              order of scenes.patchify; all True for manifest images (unknown)
+                              order of model.layers.patchify; all True for manifest images (unknown)
     "tokens"    [b, L] int32  text input: bos w1 w2 ... (pad = 0 after the text)
     "targets"   [b, L] int32  next token: targets[:, t] = the token after tokens[:, t]
     "loss_mask" [b, L] bool   True where the target is real text (eos included, pad excluded)
@@ -37,15 +37,16 @@ import grain
 import numpy as np
 from absl import flags
 
-from moe_jax import scenes
-from moe_jax.sources import (
+from moe_jax.core.validate import checker, is_int
+from moe_jax.data import scenes
+from moe_jax.data.sources import (
     ManifestError,  # noqa: F401  (re-exported: the error users catch)
     ManifestSource,
     WindowSource,
     read_manifest,
     read_text_stream,
 )
-from moe_jax.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer, num_windows, pad_example
+from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer, num_windows, pad_example
 
 KINDS = ("shapes", "shapes_text", "manifest", "text")
 TOKENIZERS = ("auto", "word", "byte")
@@ -130,12 +131,14 @@ class DataConfig:
 
 
 def _int_in(value, lo: int, hi: int) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and lo <= value <= hi
+    return is_int(value) and lo <= value <= hi
+
+
+_checker = checker("DataConfig")
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"DataConfig.{field}={value!r} is invalid: must be {allowed}")
+    _checker(ok, field, value, f"must be {allowed}")
 
 
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:

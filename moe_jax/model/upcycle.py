@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import MoEConfig
-from moe_jax.model import ModelConfig, Transformer
+from moe_jax.core.config import MoEConfig
+from moe_jax.core.validate import checker
+from moe_jax.model.transformer import ModelConfig, Transformer
 
 
 def upcycle_ffn(
@@ -80,9 +81,7 @@ def _copy_matching(dst: dict, src: dict) -> None:
                 dst[key] = jnp.asarray(src[key], value.dtype)
 
 
-def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"upcycle: {name}={value!r} is invalid: {allowed}")
+_check = checker("upcycle")
 
 
 def upcycle(

@@ -24,29 +24,23 @@ routers), in eval mode (deterministic=True), so cached logits equal the full for
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import MoEConfig
-from moe_jax.layers import Attention, VisionEncoder, small_init
-from moe_jax.moe import FFN, MoE
-from moe_jax.summary import format_summary, model_summary  # noqa: F401  (re-exported)
+from moe_jax.core.config import MoEConfig
+from moe_jax.core.validate import checker, is_pos_int
+from moe_jax.model.layers import Attention, VisionEncoder, small_init
+from moe_jax.moe import FFN, MoE, record_routing, routing_ids
 
 MODES = ("vlm", "lm")
 ENCODERS = ("mlp", "vit")
 DTYPES = ("float32", "bfloat16")
 
 
-def _check(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
-
-
-def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+_check = checker("ModelConfig")
+_pos_int = is_pos_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +67,6 @@ class ModelConfig:
     rope_theta: float = 10_000.0  # RoPE base
     vision_encoder: str = "mlp"  # mlp | vit
     vision_layers: int = 1  # bidirectional blocks in the vit encoder
-    allow_noncausal_moe: bool = False  # accept expert_choice MoE in the causal decoder
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "channels"):
@@ -127,14 +120,9 @@ class ModelConfig:
                 f"MoEConfig(d_model={self.moe.d_model})",
                 f"moe.d_model must equal d_model={self.d_model}",
             )
-            _check(
-                self.moe.router != "expert_choice" or self.allow_noncausal_moe,
-                "allow_noncausal_moe",
-                self.allow_noncausal_moe,
-                "moe.router='expert_choice' picks tokens across the whole sequence, so a "
-                "decoder position would see future tokens; set allow_noncausal_moe=True to "
-                "accept the leak (training and decoding then differ)",
-            )
+            # The decoder is causal: MoEConfig refuses expert choice there unless its one
+            # causality flag, moe.allow_noncausal, accepts the leak.
+            self.layer_moe_config  # noqa: B018
 
     @property
     def head_dim(self) -> int:
@@ -153,13 +141,10 @@ class ModelConfig:
 
     @property
     def layer_moe_config(self) -> MoEConfig | None:
-        """The MoE config as the decoder uses it (dtypes from this config, causal)."""
+        """The MoE config as the decoder uses it (dtypes from this config, causal=True)."""
         if not self.moe_layers:
             return None
-        causal = not (self.moe.router == "expert_choice")
-        return self.moe.replace(
-            dtype=self.dtype, param_dtype=self.param_dtype, causal=causal, allow_noncausal=True
-        )
+        return self.moe.replace(dtype=self.dtype, param_dtype=self.param_dtype, causal=True)
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -365,40 +350,14 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
     return cross_entropy(logits[:, :-1], tokens[:, 1:], loss_mask[:, 1:])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _generate(graphdef, state, images, prompt, max_new_tokens, eos_id):
-    model = nnx.merge(graphdef, state)
-    b, n = prompt.shape
-    start = model.cfg.num_patches + n
-    cache = model.init_cache(b, start + max_new_tokens)
-    logits, cache = model.prefill(prompt, images, cache)
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
+def forward_with_routing(model: nnx.Module, *args, **kwargs):
+    """(model(*args, **kwargs), [(expert ids [T, S], N)] per MoE call in graph order).
 
-    def body(i, carry):
-        out, tok, done, cache = carry
-        out = out.at[:, i].set(jnp.where(done, 0, tok))
-        if eos_id is not None:
-            done = done | (tok == eos_id)
-        logits, cache = model.decode_step(tok[:, None], cache, start + i)
-        return out, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), done, cache
-
-    out = jnp.zeros((b, max_new_tokens), jnp.int32)
-    done = jnp.zeros((b,), bool)
-    out, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (out, tok, done, cache))
-    return out
-
-
-def generate(
-    model: Transformer,
-    images: jax.Array | None,
-    prompt_tokens: jax.Array,
-    max_new_tokens: int,
-    *,
-    eos_id: int | None = None,
-) -> jax.Array:
-    """Greedy decoding with the KV cache. prompt_tokens [B, L0] (rows share L0; no padding).
-    Returns the new tokens [B, max_new_tokens]; after eos_id a row emits 0 (pad)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, images, prompt_tokens, max_new_tokens, eos_id)
+    The MoE layers sow their ids only for this call (opt-in, see moe.record_routing). Use it
+    inside jax.jit and return the ids: they are the routing of the traced forward."""
+    record_routing(model, True)
+    try:
+        out = model(*args, **kwargs)
+        return out, routing_ids(model)
+    finally:
+        record_routing(model, False)

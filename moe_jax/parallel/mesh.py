@@ -1,22 +1,16 @@
-"""Meshes, partition specs by name, multi-host setup and the expert-parallel MoE entry point.
+"""Meshes, partition specs by name, placement of parameters and batches, EP buffer sizing.
 
 Mesh axes are fixed: ``data`` (batch) and ``expert`` (experts; tokens are split over it too).
 Tokens are split over ("data", "expert"), expert weights over "expert" on the N axis, and the
-router and shared expert are replicated. The expert-parallel forward itself lives in
-``moe_jax.ep`` and runs inside one ``jax.shard_map``; a layer opts in with
-``MoE(cfg, rngs=..., parallel=ExpertParallel(mesh))`` or ``parallel.enable(model, ep)``.
-
-Multi-host: call ``init_distributed()`` once per process before anything else touches jax
-(coordinator address, process count and id from arguments or MOE_JAX_* env variables), build
-the same mesh everywhere, and feed each process its own rows (``process_rows``,
-``global_batch``).
+router and shared expert are replicated. The expert-parallel forward (moe_jax.parallel.ep)
+runs inside one ``jax.shard_map``; a layer opts in with
+``MoE(cfg, rngs=..., parallel=ExpertParallel(mesh))`` or ``moe_jax.moe.set_parallel(model, ep)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import numpy as np
@@ -190,18 +184,6 @@ def lb_axis_names(moe_config) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def enable(model, ep: ExpertParallel | None):
-    """Turn expert parallelism on (or off with None) for every MoE layer inside `model`."""
-    from flax import nnx
-
-    from moe_jax.moe import MoE
-
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, MoE):
-            module.parallel = ep
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Placing parameters and batches.
 # ---------------------------------------------------------------------------------------------
@@ -230,68 +212,6 @@ def shard_state(state, mesh: Mesh):
 def shard_batch(x, mesh: Mesh):
     """Place a global batch (every process holds all of it) split over ("data", "expert")."""
     return jax.device_put(x, NamedSharding(mesh, spec("tokens")))
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-host.
-# ---------------------------------------------------------------------------------------------
-def init_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    local_device_count: int | None = None,
-    timeout_s: int = 60,
-) -> bool:
-    """jax.distributed.initialize from arguments, else MOE_JAX_COORDINATOR /
-    MOE_JAX_NUM_PROCESSES / MOE_JAX_PROCESS_ID. Returns False (and does nothing) for a single
-    process. local_device_count sets the number of CPU devices per process (CPU only)."""
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("MOE_JAX_COORDINATOR")
-    if num_processes is None and "MOE_JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["MOE_JAX_NUM_PROCESSES"])
-    if process_id is None and "MOE_JAX_PROCESS_ID" in env:
-        process_id = int(env["MOE_JAX_PROCESS_ID"])
-    if local_device_count is not None:
-        jax.config.update("jax_num_cpu_devices", local_device_count)
-    if num_processes in (None, 1) and coordinator_address is None:
-        return False
-    if coordinator_address is None or num_processes is None or process_id is None:
-        raise ValueError(
-            "multi-process run needs coordinator_address, num_processes and process_id "
-            f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}); pass them or set "
-            "MOE_JAX_COORDINATOR, MOE_JAX_NUM_PROCESSES, MOE_JAX_PROCESS_ID"
-        )
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} must lie in [0, num_processes={num_processes})")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=timeout_s,
-    )
-    return True
-
-
-def process_rows(global_batch: int, mesh: Mesh) -> slice:
-    """The rows of a [global_batch, ...] token-split batch that this process's devices own."""
-    sharding = NamedSharding(mesh, spec("tokens"))
-    idx = sharding.addressable_devices_indices_map((global_batch,))
-    bounds = sorted({s[0].indices(global_batch)[:2] for s in idx.values()})
-    start, stop = bounds[0][0], bounds[-1][1]
-    if any(a != prev_b for (_, prev_b), (a, _) in zip(bounds, bounds[1:])):
-        raise ValueError(
-            "this process's devices do not own a contiguous block of the batch; build the mesh "
-            "with make_mesh so that each process's devices are adjacent"
-        )
-    return slice(start, stop)
-
-
-def global_batch(local, mesh: Mesh, global_size: int):
-    """Assemble a global token-split array from each process's rows (see process_rows)."""
-    sharding = NamedSharding(mesh, spec("tokens"))
-    shape = (global_size, *np.shape(local)[1:])
-    return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
 def expected_rows_per_token(moe_config, num_tokens: int, *, train: bool = True) -> float:

@@ -1,6 +1,9 @@
 """Expert-parallel MoE forward: route, exchange real rows, local experts, exchange back, combine.
 
-Everything below runs inside ONE ``jax.shard_map`` over the ("data", "expert") mesh. Per shard:
+``ep_forward(xt, logits, modality, selection_bias, params, cfg, ep, train=...)`` is a pure
+function of arrays; the MoE layer calls it instead of the single-device path and assembles
+aux itself. Everything runs inside ONE ``jax.shard_map`` over the ("data", "expert") mesh.
+Per shard:
   1. route its own T_loc tokens (logits come in token-split; balance counts and statistics are
      psum'd over the mesh, so lb_scope="global" is the loss of the global batch);
   2. sort its (token, slot) pairs by expert id, nulls last (dispatch.make_plan). Experts are
@@ -13,9 +16,11 @@ Everything below runs inside ONE ``jax.shard_map`` over the ("data", "expert") m
   4. exchange over the "expert" axis: ragged_all_to_all moves only the real rows (TPU/GPU); the
      padded all_to_all moves the whole fixed buffer (CPU, where the ragged collective is not
      implemented). Both deliver the same [EP sources, Cb, D] layout;
-  5. scatter received rows into local-expert order (an O(rows) permutation computed from the
-     counts, no sort), run the expert FFN over the N_loc local experts with local group_sizes
-     (the backend interface is unchanged), gather results back to the received layout;
+  5. compute the local-expert order of the received rows from the counts (an O(rows)
+     permutation, no sort) and run the one expert entry point (experts.routed_ffn) over the
+     N_loc local experts with it as the row -> received-row index and weight 1, so the
+     results land in the received layout (the fused "tiled" loop gathers and scatters
+     itself; nothing is copied into a second buffer);
   6. exchange back along the same routes and scatter-add (weight x output) into the tokens.
 Capacity routers (threshold, capped top-k, expert choice) apply capacity per shard, with
 T = T_loc, exactly as XMoE does with its local batch.
@@ -30,9 +35,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import dispatch, experts, parallel, routing
-
-_EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+from moe_jax.core import dispatch, routing, stats
+from moe_jax.core.config import MoEConfig
+from moe_jax.experts import ExpertParams, resolve_backend, routed_ffn
+from moe_jax.parallel.mesh import BATCH_AXES, ExpertParallel, buffer_rows, lb_axis_names, spec
 
 
 def _exchange(buf: jax.Array, send_sizes: jax.Array, recv_sizes: jax.Array, kind: str):
@@ -79,7 +85,7 @@ def _local_layout(recv_counts: jax.Array, cb: int):
     return jnp.where(e < n_loc, pos, ep * cb), group_sizes
 
 
-def _routed(xt, r: routing.Routing, w: dict, cfg, cb: int, ep: int, kind: str):
+def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb: int, ep: int, kind):
     """Steps 2-6 for one shard. xt [T, D] local tokens. Returns y [T, D], rows sent, overflow."""
     t, d = xt.shape
     n = cfg.num_experts
@@ -104,20 +110,22 @@ def _routed(xt, r: routing.Routing, w: dict, cfg, cb: int, ep: int, kind: str):
         xrecv = _exchange(xbuf, sent, recv_sizes, kind)  # [EP, Cb, D]
     with jax.named_scope("experts"):
         pos, group_sizes = _local_layout(recv_counts, cb)  # [EP, Cb], [N_loc]
-        flat_pos = pos.reshape(-1)  # [EP*Cb]
-        xs = jnp.zeros((ep * cb, d), cdt).at[flat_pos].add(xrecv.reshape(-1, d), mode="drop")
-        ys = experts.expert_ffn(
-            xs,
+        rows = ep * cb
+        # Sorted local row p is received row recv_row[p]; rows past sum(group_sizes) keep 0.
+        recv_row = (
+            jnp.zeros((rows,), jnp.int32)
+            .at[pos.reshape(-1)]
+            .set(jnp.arange(rows, dtype=jnp.int32), mode="drop")
+        )  # [EP*Cb]
+        yrecv = routed_ffn(
+            xrecv.reshape(rows, d),
+            recv_row,
+            jnp.ones((rows,), cdt),
             group_sizes,
-            w["w_in"].astype(cdt),
-            w["w_out"].astype(cdt),
-            w_gate=w["w_gate"].astype(cdt) if "w_gate" in w else None,
-            b_in=w.get("b_in"),
-            b_out=w.get("b_out"),
+            params,
             activation=cfg.activation,
             backend=cfg.backend,
-        )  # [EP*Cb, D]; rows past sum(group_sizes) are never read
-        yrecv = jnp.take(ys, flat_pos, axis=0, mode="fill", fill_value=0).reshape(ep, cb, d)
+        ).reshape(ep, cb, d)  # [EP, Cb, D]; padding rows are 0
     with jax.named_scope("exchange_back"):
         yback = _exchange(yrecv, recv_sizes, sent, kind)  # [EP, Cb, D]
     with jax.named_scope("combine"):
@@ -128,55 +136,49 @@ def _routed(xt, r: routing.Routing, w: dict, cfg, cb: int, ep: int, kind: str):
     return y.astype(cdt), jnp.sum(sent), overflow
 
 
-def _shard_fn(xt, logits, modality, sel_bias, w, *, cfg, train, cb, ep, kind):
-    from moe_jax.moe import _stats  # moe imports this module lazily; avoid a cycle
-
-    axes = parallel.BATCH_AXES
-    lb_axes = parallel.lb_axis_names(cfg) if cfg.lb_scope == "global" else None
+def _shard_fn(xt, logits, modality, sel_bias, params, *, cfg, train, cb, ep, kind):
+    lb_axes = lb_axis_names(cfg) if cfg.lb_scope == "global" else None
     with jax.named_scope("route"):
         r = routing.route(logits, cfg, train=train, axis_name=lb_axes, selection_bias=sel_bias)
-    y, sent, overflow = _routed(xt, r, w, cfg, cb, ep, kind)
-    stats = _stats(cfg, r, modality, axes)
-    lb = jax.lax.pmean(r.lb_loss, axes)  # f is global already; this averages P over shards
-    z = jax.lax.pmean(r.z_loss, axes)
-    sent, overflow = jax.lax.psum((sent, overflow), axes)
-    real = sent + overflow
-    aux = {
-        "lb_loss": lb,
-        "z_loss": z,
-        "aux_loss": cfg.effective_lb_coef * lb + cfg.z_coef * z,
-        **stats,
-        "ep_overflow_fraction": overflow.astype(jnp.float32) / jnp.maximum(real, 1),
-        "ep_rows_sent": sent.astype(jnp.float32),
-    }
-    return y, aux
+    y, sent, overflow = _routed(xt, r, params, cfg, cb, ep, kind)
+    st = stats.routing_stats(cfg, r, modality, BATCH_AXES)
+    lb = jax.lax.pmean(r.lb_loss, BATCH_AXES)  # f is global already; this averages P over shards
+    z = jax.lax.pmean(r.z_loss, BATCH_AXES)
+    sent, overflow = jax.lax.psum((sent, overflow), BATCH_AXES)
+    st["ep_overflow_fraction"] = overflow.astype(jnp.float32) / jnp.maximum(sent + overflow, 1)
+    st["ep_rows_sent"] = sent.astype(jnp.float32)
+    return y, lb, z, st, r.expert_ids
 
 
-def ep_forward(layer, x: jax.Array, modality, deterministic: bool):
-    """Expert-parallel forward of an MoE layer (layer.parallel set); same (y, aux) contract as
-    MoE.__call__ plus aux["ep_overflow_fraction"], aux["ep_rows_sent"] (global rows sent per
-    direction) and aux["ep_buffer_rows"] (global rows of send buffer per direction)."""
-    cfg = layer.config
-    ep: parallel.ExpertParallel = layer.parallel
-    ep.check(cfg, x.shape[0])
-    train = not deterministic
-    lead = x.shape[:-1]
-    xt = x.reshape(-1, cfg.d_model)  # [T, D], batch-major, so the token split follows the batch
+def ep_forward(
+    xt: jax.Array,
+    logits: jax.Array,
+    modality: jax.Array | None,
+    selection_bias: jax.Array | None,
+    params: ExpertParams,
+    cfg: MoEConfig,
+    ep: ExpertParallel,
+    *,
+    train: bool,
+):
+    """Expert-parallel routed experts over ep.mesh. xt [T, D] (batch-major tokens), logits
+    [T, N(+1)], modality [T] or None, selection_bias [N(+1)] or None, params with the full
+    [N, ...] expert weights (split over "expert" here).
+
+    Returns (y [T, D], lb_loss, z_loss, stats, expert_ids [T, S]): the statistics of stats.routing_stats over the
+    global batch plus "ep_overflow_fraction", "ep_rows_sent" (global rows sent per direction)
+    and "ep_buffer_rows" (global rows of send buffer per direction)."""
+    ep.check(cfg, xt.shape[0])
     t_loc = xt.shape[0] // ep.num_shards
-    cb = parallel.buffer_rows(cfg, ep.config, t_loc, ep.expert_size, train=train)
-    with jax.named_scope("router_logits"):
-        logits = layer.router(xt.astype(jnp.dtype(cfg.router_dtype)))  # [T, N(+1)]
-    w = {k: getattr(layer, k)[...] for k in _EXPERT_WEIGHTS if getattr(layer, k) is not None}
-    mod = None if modality is None else modality.reshape(-1)  # [T]
-    tok, ew = parallel.spec("tokens"), parallel.spec("expert_weights")
-    sel = None if layer.selection_bias is None else layer.selection_bias[...]  # [N(+1)]
-    args = (xt, logits, mod, sel, w)
+    cb = buffer_rows(cfg, ep.config, t_loc, ep.expert_size, train=train)
+    tok, ew = spec("tokens"), spec("expert_weights")
+    args = (xt, logits, modality, selection_bias, params)
     specs = (
         tok,
         tok,
-        None if mod is None else tok,
-        None if sel is None else P(),
-        {k: ew for k in w},
+        None if modality is None else tok,
+        None if selection_bias is None else P(),
+        jax.tree.map(lambda _: ew, params),
     )
     if any(a == jax.sharding.AxisType.Explicit for a in ep.mesh.axis_types):
         args = jax.tree.map(
@@ -188,13 +190,9 @@ def ep_forward(layer, x: jax.Array, modality, deterministic: bool):
     # Interpret-mode Pallas kernels and the tiled backend's while loop (its carry starts as an
     # unvarying zeros array) do not type-check under device-variance checking; without it the
     # values and gradients still equal one device (tests/test_parallel.py covers "tiled").
-    check_vma = experts.resolve_backend(cfg.backend) not in ("pallas", "tiled")
-    y, aux = jax.shard_map(
-        fn, mesh=ep.mesh, in_specs=specs, out_specs=(tok, P()), check_vma=check_vma
+    check_vma = resolve_backend(cfg.backend) not in ("pallas", "tiled")
+    y, lb, z, st, ids = jax.shard_map(
+        fn, mesh=ep.mesh, in_specs=specs, out_specs=(tok, P(), P(), P(), tok), check_vma=check_vma
     )(*args)
-    aux["ep_buffer_rows"] = jnp.asarray(ep.num_shards * ep.expert_size * cb, jnp.float32)
-    if layer.shared is not None:
-        with jax.named_scope("shared_expert"):
-            y = y + layer.shared(xt).astype(y.dtype)
-    layer._update_selection_bias(aux, deterministic)  # aux statistics are global already
-    return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux
+    st["ep_buffer_rows"] = jnp.asarray(ep.num_shards * ep.expert_size * cb, jnp.float32)
+    return y, lb, z, st, ids

@@ -2,7 +2,7 @@
 
 - total_params: every parameter (embeddings, vision encoder, blocks, head).
 - active_params_per_token: total minus the experts a token does not use in expectation:
-  each MoE layer counts E[K] of its N experts (moe_jax.flops.expected_real_experts).
+  each MoE layer counts E[K] of its N experts (moe_jax.core.flops.expected_real_experts).
 - flops_per_token: one decoder token (vision or text) through the blocks, with attention
   scores/values at the mean causal context (S+1)/2 of a full sequence S = P + max_len;
   text tokens add the LM head (flops_per_text_token). The vision encoder is per image.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moe_jax import flops
+from moe_jax.core import flops
 
 if TYPE_CHECKING:
-    from moe_jax.model import ModelConfig
+    from moe_jax.model.transformer import ModelConfig
 
 
 def _ffn_params(d: int, f: int, activation: str = "swiglu") -> int:

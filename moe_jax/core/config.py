@@ -9,10 +9,30 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from moe_jax.core.validate import field_error, is_pos_int
+
 ROUTERS = ("null", "topk", "switch", "threshold", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
 LB_SCOPES = ("local", "global")
 DTYPES = ("float32", "bfloat16", "float16")
+# Grouped-matmul backend names MoEConfig.backend accepts: the built-in ones (moe_jax.experts)
+# and every name moe_jax.experts.register_backend has added. Whether a backend can run here
+# (e.g. the Pallas kernels import) is checked when the layer is built.
+_BACKEND_NAMES = ["auto", "dense", "ragged", "tiled", "pallas"]
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_BACKEND_NAMES)
+
+
+def add_backend_name(name: str) -> None:
+    """Called by moe_jax.experts.register_backend."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backend name must be a non-empty string, got {name!r}")
+    if name not in _BACKEND_NAMES:
+        _BACKEND_NAMES.append(name)
+
+
 # Router-specific defaults for the load-balance coefficient (ALGORITHMS.md).
 DEFAULT_LB_COEF = {
     "null": 2e-2,
@@ -26,7 +46,7 @@ DEFAULT_CAPACITY = {"threshold": 8.0, "expert_choice": 2.0}
 
 
 def _err(field: str, allowed: str, value) -> ValueError:
-    return ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+    return field_error("MoEConfig", field, value, allowed)
 
 
 def null_count_from_rho(num_experts: int, rho: float) -> int:
@@ -83,13 +103,9 @@ class MoEConfig:
     null_bias_update_rate: float = 0.0  # u of the null-ratio controller on the null logit (0 = off)
 
     def __post_init__(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _err(name, "must be an integer >= 1", v)
-
         for name in ("d_model", "d_ff", "num_experts", "top_k", "min_capacity", "num_modalities"):
-            positive_int(name)
+            if not is_pos_int(getattr(self, name)):
+                raise _err(name, "must be an integer >= 1", getattr(self, name))
         if self.router not in ROUTERS:
             raise _err("router", f"must be one of {ROUTERS}", self.router)
         if self.activation not in ACTIVATIONS:
@@ -130,10 +146,12 @@ class MoEConfig:
             )
         if self.router_init_std <= 0:
             raise _err("router_init_std", "must be > 0", self.router_init_std)
-        from moe_jax import experts  # local import: experts imports this module
-
-        if self.backend not in experts.backend_names():
-            raise _err("backend", f"must be one of {experts.backend_names()}", self.backend)
+        if self.backend not in _BACKEND_NAMES:
+            raise _err(
+                "backend",
+                f"must be one of {backend_names()} (or a name added by register_backend)",
+                self.backend,
+            )
 
         # Null experts: exactly one of rho / num_null_experts.
         if self.router == "null":

@@ -38,12 +38,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """[B, H, W, C] -> [B, P, p*p*C], patches row-major over (H/p, W/p) (scenes.patchify order)."""
-    b, h, w, c = images.shape
+    """[..., H, W, C] -> [..., P, p*p*C], patches row-major over (H/p, W/p): the order of the
+    data pipeline's per-patch foreground mask (moe_jax.data.scenes.patch_foreground)."""
+    *lead, h, w, c = images.shape
     p = patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c)
-    x = jnp.moveaxis(x, 3, 2)  # [B, H/p, W/p, p, p, C]
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
+    x = jnp.reshape(images, (*lead, h // p, p, w // p, p, c))
+    x = jnp.moveaxis(x, -4, -3)  # [..., H/p, W/p, p, p, C]
+    return x.reshape(*lead, (h // p) * (w // p), p * p * c)
 
 
 class Attention(nnx.Module):

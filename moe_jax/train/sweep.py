@@ -24,11 +24,12 @@ import os
 
 from flax import nnx
 
-from moe_jax import flops, training
 from moe_jax import model as model_lib
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import MoEConfig
-from moe_jax.train_config import TrainConfig
+from moe_jax.core import flops
+from moe_jax.core.config import MoEConfig
+from moe_jax.train import step as train_step_lib
+from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def restore(cfg: TrainConfig, workdir: str):
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints folder in {workdir!r}: train the run first")
-    graphdef, like = training.init_state(cfg)
+    graphdef, like = train_step_lib.init_state(cfg)
     ckpt = Checkpointer(directory, every_steps=0, keep=cfg.ckpt.keep, async_save=False)
     try:
         restored = ckpt.restore_latest(like, None)
@@ -106,7 +107,7 @@ def full_compute_flops(cfg: TrainConfig) -> float:
 def evaluate_point(cfg: TrainConfig, state, point: Point, *, name: str = "") -> dict:
     """Held-out loss and measured routing/FLOPs of ``state`` at ``point`` (eval mode)."""
     pcfg = with_eval_routing(cfg, point)
-    ev = training.evaluate(pcfg, graphdef_for(pcfg), state)
+    ev = train_step_lib.evaluate(pcfg, graphdef_for(pcfg), state)
     moe = pcfg.moe
     row = {
         "model": name or cfg.name,

@@ -1,8 +1,9 @@
-"""Dropless dispatch: sort assignments by expert, drop null slots, gather rows, combine.
+"""Dropless dispatch plan: sort (token, slot) assignments by expert, null slots last.
 
 The sorted buffer has a static number of rows R (T*S for token choice, fewer when capacity
-bounds the total); only the first `num_real` rows are real. Rows past num_real are zero on the
-way in and masked on the way out, so a backend that leaves them undefined can never leak NaN or
+bounds the total); only the first `num_real` rows are real. The expert FFN
+(moe_jax.experts.routed_ffn) gathers the rows, computes and combines them; rows past num_real
+are masked on both sides there, so a backend that leaves them undefined can never leak NaN or
 garbage into the combine.
 """
 
@@ -53,21 +54,6 @@ def make_plan(
     token_idx = (order // s).astype(jnp.int32)
     w = jnp.where(row_valid, weights.reshape(-1)[order], 0.0)
     return Plan(token_idx, w, group_sizes, num_real, row_valid)
-
-
-def gather(x: jax.Array, plan: Plan) -> jax.Array:
-    """x [T, D] -> xs [R, D] in expert order; rows past num_real are exact zeros."""
-    xs = jnp.take(x, plan.token_idx, axis=0)  # [R, D]
-    return jnp.where(plan.row_valid[:, None], xs, jnp.zeros((), x.dtype))
-
-
-def combine(ys: jax.Array, plan: Plan, num_tokens: int, out_dtype=None) -> jax.Array:
-    """ys [R, D] -> y [T, D]: weighted scatter-add back to tokens. Rows past num_real are
-    masked with `where` (not multiplied) so NaN/Inf there cannot propagate."""
-    w = plan.weights.astype(jnp.float32)
-    contrib = jnp.where(plan.row_valid[:, None], ys.astype(jnp.float32) * w[:, None], 0.0)
-    y = jnp.zeros((num_tokens, ys.shape[1]), jnp.float32).at[plan.token_idx].add(contrib)
-    return y.astype(out_dtype or ys.dtype)
 
 
 def group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:

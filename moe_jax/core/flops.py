@@ -6,7 +6,7 @@ Expected real experts per token E[K]:
 - threshold: data-dependent; the capacity bound min(N, gamma) is reported as the upper bound.
   At t = 1.0 every expert is selected, so min(N, gamma) is the value itself: N when gamma >= N,
   i.e. dense compute (XMoE's dense-to-sparse recipe trains this way and lowers t_eval at
-  inference; the recipe is our reconstruction of the paper's procedure, see moe_jax.sweep);
+  inference; the recipe is our reconstruction of the paper's procedure, see moe_jax.train.sweep);
 - expert_choice: the capacity factor c (N experts each take T*c/N tokens).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from moe_jax.config import MoEConfig, null_count_from_rho
+from moe_jax.core.config import MoEConfig, null_count_from_rho
 
 
 def ffn_flops_per_token(d_model: int, d_ff: int, activation: str = "swiglu") -> float:

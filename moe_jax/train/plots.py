@@ -1,4 +1,7 @@
-"""PNG plots written to the workdir at the end of training (matplotlib, Agg backend).
+"""PNG plots written to the workdir at the end of training.
+
+Figures are drawn with matplotlib's object API (matplotlib.figure.Figure), never through
+pyplot, so no global backend is switched and notebook users keep theirs.
 
 loss.png            train loss (and eval loss) over steps
 null_ratio.png      realized null ratio per modality over training, with the target 1 - rho
@@ -7,24 +10,26 @@ routing_heatmap.png held-out images next to a map of real experts per patch (mea
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
 import jax
-import matplotlib
+import numpy as np
+from flax import nnx
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from moe_jax.model import forward_with_routing
+from moe_jax.moe import MoE
 
-from moe_jax import routing  # noqa: E402
+
+def _subplots(*args, figsize, **kwargs):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def plot_losses(rows: list[dict], path: str) -> str:
     """Train loss (and eval/loss where present) against step."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
@@ -40,7 +45,7 @@ def plot_losses(rows: list[dict], path: str) -> str:
 
 def plot_null_ratio(rows: list[dict], path: str, *, rho: float | None = None) -> str:
     """Null ratio per modality (and overall) over training; dashed line at the target 1 - rho."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for key, label in (
         ("null_ratio/vision", "vision tokens"),
         ("null_ratio/text", "text tokens"),
@@ -65,7 +70,7 @@ def plot_routing_heatmap(
     """Images [n, H, W, C] in one row, their real-experts-per-patch maps [n, h, w] below."""
     n = images.shape[0]
     vmax = float(real_per_patch.max()) if vmax is None else vmax
-    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5), squeeze=False)
+    fig, axes = _subplots(2, n, figsize=(2.4 * n, 5), squeeze=False)
     im = None
     for i in range(n):
         axes[0, i].imshow(np.clip(images[i], 0, 1), interpolation="nearest")
@@ -81,57 +86,35 @@ def plot_routing_heatmap(
     return _save(fig, path)
 
 
-@contextlib.contextmanager
-def record_routing():
-    """Records the expert ids [T, K] of every routing call made inside the context.
-
-    MoE layers route through ``routing.route``; wrapping it sees every layer without any hook
-    in the model. Inside a traced function the recorded ids are tracers: return them.
-    """
-    calls: list = []
-    original = routing.route
-
-    def recording(logits, cfg, *args, **kw):
-        r = original(logits, cfg, *args, **kw)
-        calls.append((r.expert_ids, cfg.num_experts))
-        return r
-
-    routing.route = recording
-    try:
-        yield calls
-    finally:
-        routing.route = original
-
-
 def real_experts_per_token(graphdef, state, tokens, images) -> np.ndarray | None:
     """[B, P+L] real experts per token, averaged over MoE layers (eval-mode forward).
 
-    ``graphdef, *state`` is the model split by nnx.split; the forward runs under jax.jit with
-    ``routing.route`` recorded while it is traced, so the ids come out as jit outputs.
-    """
-    ids = _routing_ids(graphdef, tuple(state), tokens, images)
+    ``graphdef, *state`` is the model split by nnx.split; the ids come from the model's opt-in
+    routing output (model.forward_with_routing) under jax.jit."""
+    ids, ns = _routing_ids(graphdef, tuple(state), tokens, images)
     if not ids:
         return None
     b = tokens.shape[0]
-    per_layer = [(np.asarray(i) < n).sum(-1).reshape(b, -1) for i, n in ids]  # [B, P+L] each
-    return np.mean(np.stack(per_layer), axis=0)
+    per_layer = [(np.asarray(i) < n).sum(-1).reshape(b, -1) for i, n in zip(ids, ns)]
+    return np.mean(np.stack(per_layer), axis=0)  # [B, P+L]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _routing_ids_jit(graphdef, state, tokens, images):
-    with record_routing() as calls:
-        nnx.merge(graphdef, *state)(tokens, images, deterministic=True)
-    return [ids for ids, _ in calls], [n for _, n in calls]
+    model = nnx.merge(graphdef, *state)
+    _, calls = forward_with_routing(model, tokens, images, deterministic=True)
+    return [ids for ids, _ in calls]
 
 
 def _routing_ids(graphdef, state, tokens, images):
-    """[(expert ids [T, K], N)] per MoE layer. N comes back as a static int via the trace."""
-    ids, ns = _routing_ids_jit(graphdef, state, tokens, images)
-    return list(zip(ids, (int(n) for n in ns)))
+    """([expert ids [T, K]], [N]) per MoE layer; N read from the graph, not traced."""
+    ids = _routing_ids_jit(graphdef, state, tokens, images)
+    model = nnx.merge(graphdef, *state)
+    ns = [m.config.num_experts for _, m in nnx.iter_graph(model) if isinstance(m, MoE)]
+    return ids, ns
 
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path

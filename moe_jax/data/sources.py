@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from moe_jax.tokenizer import ByteTokenizer, pack_stream, stream_window
+from moe_jax.data.tokenizer import ByteTokenizer, pack_stream, stream_window
 
 
 class ManifestError(ValueError):

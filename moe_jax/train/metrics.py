@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from moe_jax import flops
-from moe_jax.config import MoEConfig
+from moe_jax.core import flops
+from moe_jax.core.config import MoEConfig
 
 MODALITIES = ("vision", "text")
 _LAYER_SCALARS = (

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from moe_jax.config import MoEConfig
+from moe_jax.core.config import MoEConfig
+from moe_jax.core.validate import field_error, is_int
 from moe_jax.data import DataConfig, make_tokenizer
 from moe_jax.model import ModelConfig
 from moe_jax.parallel import MeshConfig
@@ -19,17 +20,16 @@ from moe_jax.parallel import MeshConfig
 SCHEDULES = ("cosine", "wsd", "constant")
 # ModelConfig fields that come from the data section or the tokenizer, not from config.model.
 _MODEL_DERIVED = ("vocab_size", "image_size", "patch_size", "channels", "max_len", "moe")
-# MoEConfig fields the trainer fills in (d_model from the model; dtypes and causality from
-# ModelConfig.layer_moe_config).
-_MOE_DERIVED = ("d_model", "dtype", "param_dtype", "causal", "allow_noncausal")
+# MoEConfig fields the trainer fills in (d_model from the model; dtypes and causal=True from
+# ModelConfig.layer_moe_config). moe.allow_noncausal stays the user's one causality flag.
+_MOE_DERIVED = ("d_model", "dtype", "param_dtype", "causal")
 
 
 def _field_error(path: str, value, allowed: str) -> ValueError:
-    return ValueError(f"config.{path}={value!r} is invalid: {allowed}")
+    return field_error("config", path, value, allowed)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_is_int = is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +193,6 @@ def from_config_dict(cfg) -> TrainConfig:
     if "d_model" not in m:
         raise ValueError("config.model.d_model is missing")
     moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
-    if moe is not None and moe.router in ("null", "topk") and moe.top_k > moe.num_experts:
-        # The routers take their top-K over the N real logits (routing.null_router).
-        raise _field_error(
-            "moe.top_k", moe.top_k, f"must be <= config.moe.num_experts={moe.num_experts}"
-        )
     model = _build(
         "model",
         ModelConfig,

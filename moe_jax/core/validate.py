@@ -1,0 +1,42 @@
+"""Field checks shared by every frozen config: one message format, naming the field.
+
+check = validate.checker("ModelConfig")
+check(d_model >= 1, "d_model", d_model, "must be an integer >= 1")
+# ValueError: ModelConfig.d_model=0 is invalid: must be an integer >= 1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+
+def field_error(owner: str, field: str, value, allowed: str) -> ValueError:
+    """ValueError("<owner>.<field>=<value> is invalid: <allowed>")."""
+    return ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
+
+
+def checker(owner: str) -> Callable[[bool, str, object, str], None]:
+    """check(ok, field, value, allowed): raise field_error(owner, ...) unless ok."""
+
+    def check(ok: bool, field: str, value, allowed: str) -> None:
+        if not ok:
+            raise field_error(owner, field, value, allowed)
+
+    return check
+
+
+def is_int(v) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def is_pos_int(v) -> bool:
+    return is_int(v) and v >= 1
+
+
+def is_finite(v) -> bool:
+    """A real number (int or float, not bool) that is neither NaN nor infinite."""
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,19 @@
+"""Backend "pallas": kernels_pallas.gmm (Mosaic on TPU, Triton on GPU) as a grouped matmul.
+
+Imported by the registry the first time "pallas" is asked for (an ImportError there makes the
+backend unavailable, not the library). On CPU the kernels run in Pallas interpret mode (slow;
+for tests). They return exact zeros for rows past sum(group_sizes), and the routed FFN masks
+those rows again before the combine.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import kernels_pallas
+
+
+def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """lhs [R, D], rhs [G, D, F], group_sizes [G] -> [R, F] through the Pallas kernels."""
+    interpret = jax.default_backend() == "cpu"
+    return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret=interpret)
