@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_jax", "moe_jax.*", "kernels_pallas", "kernels_pallas.*"]),
+    package_data={"kernels_pallas": ["gpu_specs/*.txtpb"]},
     install_requires=[
         "jax>=0.10.2,<0.12",
         "jaxlib>=0.10.2,<0.12",
@@ -37,6 +38,9 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6",
         ],
+        # Compile-only TPU and NVIDIA targets on any machine (python -m moe_jax.aot, the compile
+        # tests): libtpu and the CUDA PJRT plugin, pinned to the jax version they match.
+        "aot": ["jax[cuda12]==0.10.2", "libtpu==0.0.42.1"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "notebook": ["jupyter", "ipykernel>=6"],

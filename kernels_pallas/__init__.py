@@ -4,15 +4,26 @@ Standalone: this package never imports moe_jax. Entry points:
 - gmm(lhs [R, D], rhs [G, D, F], group_sizes [G]) -> [R, F], rows past sum(group_sizes) = 0.
 - tgmm(lhs [R, D], grad [R, F], group_sizes [G]) -> [G, D, F], the weight gradient.
 Both are differentiable; see ops.py for the full contract (group windows, dtypes, backends).
+The kernel (Mosaic on TPU, Triton on NVIDIA GPUs) is chosen when the program is lowered, for
+its target (dispatch.py). targets.py builds compile-only TPU / GPU devices for AOT checks.
 """
 
-from kernels_pallas.blocks import DEFAULTS, TABLE, BlockSizes, default_block_sizes
-from kernels_pallas.ops import gmm, resolve_backend, tgmm
+from kernels_pallas.blocks import (
+    DEFAULTS,
+    GPU_TABLE,
+    TABLE,
+    BlockSizes,
+    default_block_sizes,
+    triton_block_sizes,
+)
+from kernels_pallas.dispatch import resolve_backend, triton_supported
+from kernels_pallas.ops import gmm, tgmm
 from kernels_pallas.reference import gmm_reference, tgmm_reference
 from kernels_pallas.schedule import Schedule, make_schedule
 
 __all__ = [
     "DEFAULTS",
+    "GPU_TABLE",
     "TABLE",
     "BlockSizes",
     "Schedule",
@@ -23,4 +34,6 @@ __all__ = [
     "resolve_backend",
     "tgmm",
     "tgmm_reference",
+    "triton_block_sizes",
+    "triton_supported",
 ]

@@ -1,9 +1,19 @@
-"""Tile sizes for the grouped matmul kernels: a frozen dataclass, per-platform defaults and a
-small shape-keyed table.
+"""Tile sizes for the grouped matmul kernels: a frozen dataclass, per-platform defaults, a
+small shape-keyed table and, for Triton, a table keyed by the GPU's shared memory.
 
 The numbers are starting points, not tuned results: no TPU or GPU was available when they were
-written. `fit` shrinks a choice to the problem so tiny shapes (tests, interpret mode) use one
-tile per dimension instead of padding up to a large default.
+written (they are checked by compiling for compile-only devices, tests/test_kernels_compile.py).
+`fit_tile` shrinks a choice to the problem so tiny shapes (tests, interpret mode) use one tile
+per dimension instead of padding up to a large default.
+
+Triton keeps its software-pipelined operand tiles in shared memory: num_stages copies of both
+operand tiles of one loop step, i.e. num_stages * (tm*tk + tk*tn) * itemsize bytes for gmm and
+num_stages * (tm*tk + tm*tn) * itemsize for tgmm (rows are its contraction). That must stay
+below the device's opt-in shared memory per block (227 KiB on H100, 163 KiB on A100, 99 KiB on
+L4), so `triton_block_sizes` picks an entry of GPU_TABLE for the device and shrinks it until
+the estimate fits. The estimate is exact on sm90 for bf16 (XLA reported "requested 245760" for
+3 * (128*64 + 128*256) * 2) and conservative on sm80 / sm89, where Triton was seen to keep
+num_stages - 1 copies.
 """
 
 from __future__ import annotations
@@ -88,3 +98,92 @@ def fit_tile(
         candidates = range(tile, (tile - 1) // 2, -align) if divisor else ()
         return next((c for c in candidates if size_p % c == 0), tile)
     return max(16, min(_next_pow2(tile), _next_pow2(size)))
+
+
+# Opt-in shared memory per block in bytes by CUDA compute capability (CUDA programming guide,
+# "technical specifications per compute capability"). Unknown capabilities use the largest
+# known one that is not above them.
+SMEM_OPTIN_BY_CC: dict[tuple[int, int], int] = {
+    (7, 5): 64 * 1024,
+    (8, 0): 163 * 1024,
+    (8, 6): 99 * 1024,
+    (8, 7): 163 * 1024,
+    (8, 9): 99 * 1024,
+    (9, 0): 227 * 1024,
+    (10, 0): 227 * 1024,
+    (12, 0): 99 * 1024,
+}
+MIN_TRITON_CC = (8, 0)  # XLA compiles Triton kernels only on Ampere and newer
+SMEM_HEADROOM = 1024  # bytes kept free for Triton's own barriers and scratch
+
+# Triton tiles keyed by the minimum opt-in shared memory (KiB) they are meant for, then by op.
+# "gmm" tiles: tm rows, tk contraction, tn output columns; "tgmm" tiles: tm rows (the
+# contraction), tk D columns, tn F columns. bf16 footprints are noted; f32 doubles them and
+# triton_block_sizes then drops a stage or halves a tile.
+GPU_TABLE: dict[int, dict[str, BlockSizes]] = {
+    227: {  # H100 / H200 (sm90): 144 KiB bf16
+        "gmm": BlockSizes(tm=128, tk=64, tn=256, num_warps=8, num_stages=3),
+        "tgmm": BlockSizes(tm=64, tk=128, tn=256, num_warps=8, num_stages=3),
+    },
+    163: {  # A100 (sm80): 96 KiB bf16
+        "gmm": BlockSizes(tm=128, tk=64, tn=128, num_warps=8, num_stages=3),
+        "tgmm": BlockSizes(tm=64, tk=128, tn=128, num_warps=8, num_stages=3),
+    },
+    99: {  # L4, RTX 30xx/40xx (sm86 / sm89): 48 KiB bf16
+        "gmm": BlockSizes(tm=128, tk=32, tn=128, num_warps=4, num_stages=3),
+        "tgmm": BlockSizes(tm=32, tk=128, tn=128, num_warps=4, num_stages=3),
+    },
+    0: {  # anything smaller: 16 KiB bf16
+        "gmm": BlockSizes(tm=64, tk=32, tn=64, num_warps=4, num_stages=2),
+        "tgmm": BlockSizes(tm=32, tk=64, tn=64, num_warps=4, num_stages=2),
+    },
+}
+
+
+def smem_optin_bytes(compute_capability: tuple[int, int]) -> int:
+    """Opt-in shared memory per block for a compute capability (SMEM_OPTIN_BY_CC)."""
+    known = [cc for cc in SMEM_OPTIN_BY_CC if cc <= tuple(compute_capability)]
+    return SMEM_OPTIN_BY_CC[max(known)] if known else 48 * 1024
+
+
+def triton_smem_bytes(op: str, bs: BlockSizes, itemsize: int) -> int:
+    """Shared memory of the pipelined operand tiles of one Triton program (module docstring)."""
+    if op not in ("gmm", "tgmm"):
+        raise ValueError(f"op must be 'gmm' or 'tgmm', got {op!r}")
+    second = bs.tk * bs.tn if op == "gmm" else bs.tm * bs.tn
+    return bs.num_stages * (bs.tm * bs.tk + second) * itemsize
+
+
+def triton_block_sizes(
+    op: str, m: int, k: int, n: int, *, itemsize: int, smem_bytes: int
+) -> BlockSizes:
+    """Triton tiles for `op` on a GPU with `smem_bytes` opt-in shared memory per block.
+
+    m, k, n are the sizes the tiles tm, tk, tn cover (gmm: R, D, F; tgmm: R, D, F). The table
+    entry is fitted to the problem (fit_tile), then, while the shared memory estimate exceeds
+    smem_bytes - SMEM_HEADROOM: drop pipeline stages down to 2, then halve the loop tile (the
+    one both operands share: tk for gmm, tm for tgmm) down to 32, then the larger other tile,
+    down to 16.
+    """
+    entry = GPU_TABLE[max(kib for kib in GPU_TABLE if kib * 1024 <= max(smem_bytes, 0))][op]
+    tiles = {
+        "tm": fit_tile(entry.tm, m, "triton"),
+        "tk": fit_tile(entry.tk, k, "triton"),
+        "tn": fit_tile(entry.tn, n, "triton"),
+    }
+    bs = dataclasses.replace(entry, **tiles)
+    loop, others = ("tk", ("tm", "tn")) if op == "gmm" else ("tm", ("tk", "tn"))
+    cap = smem_bytes - SMEM_HEADROOM
+    while triton_smem_bytes(op, bs, itemsize) > cap:
+        if bs.num_stages > 2:
+            bs = dataclasses.replace(bs, num_stages=bs.num_stages - 1)
+        elif getattr(bs, loop) > 32:
+            bs = dataclasses.replace(bs, **{loop: getattr(bs, loop) // 2})
+        else:
+            name = max(others, key=lambda t: getattr(bs, t))
+            if getattr(bs, name) <= 16:
+                raise ValueError(
+                    f"no Triton tiles fit {smem_bytes} bytes of shared memory for {op}"
+                )
+            bs = dataclasses.replace(bs, **{name: getattr(bs, name) // 2})
+    return bs

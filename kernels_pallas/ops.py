@@ -1,4 +1,11 @@
-"""Differentiable grouped matmuls: gmm and tgmm with a custom VJP, input checks and backend choice.
+"""Differentiable grouped matmuls: gmm and tgmm with a custom VJP and input checks.
+
+backend="auto" runs the Mosaic kernel when the program is lowered for TPU and the Triton kernel
+when it is lowered for an NVIDIA GPU (compute capability >= 8.0), also from a CPU host compiling
+for compile-only devices; on CPU it needs interpret=True. interpret="auto" runs natively where
+the target has a kernel and in interpret mode elsewhere (CPU tests of code that also compiles for
+accelerators). The choice is made at lowering time (dispatch.py), never from
+jax.default_backend().
 
 Contract shared by every backend (and by reference.py):
 - lhs rows are sorted by group: global group i holds rows [sum(gs[:i]), sum(gs[:i+1])).
@@ -35,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import tpu, triton
-from kernels_pallas.blocks import BACKENDS, BlockSizes, default_block_sizes
+from kernels_pallas import dispatch
+from kernels_pallas.blocks import BACKENDS, BlockSizes
+from kernels_pallas.dispatch import resolve_backend  # noqa: F401  (old home, re-exported)
 
-_KERNELS = {"tpu": tpu, "triton": triton}
 _DTYPES = frozenset(np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
@@ -46,54 +53,25 @@ _DTYPES = frozenset(np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16
 class _Cfg:
     """Static arguments of one call (hashable: a nondiff argument of the custom VJP)."""
 
-    backend: str
-    block_sizes: BlockSizes | None
-    interpret: bool
+    backend: str  # "auto" | "tpu" | "triton": resolved at lowering time (dispatch.py)
+    block_sizes: BlockSizes | None  # None: defaults for the target
+    interpret: bool | str  # True, False or "auto" (interpret only where no kernel is native)
     out_dtype: np.dtype
 
 
-def resolve_backend(backend: str, interpret: bool) -> str:
-    """Map "auto" / "tpu" / "triton" to a kernel family for the default platform."""
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be 'auto', 'tpu' or 'triton', got {backend!r}")
-    platform = jax.default_backend()
-    native = {"tpu": "tpu", "gpu": "triton"}.get(platform)
-    if backend == "auto":
-        if native is not None:
-            return native
-        if interpret:
-            return "tpu"
-        raise ValueError(
-            f"backend='auto': no Pallas kernel runs natively on platform {platform!r}. Pass "
-            "interpret=True (tests: runs the TPU kernel on CPU, slowly) or use an XLA path "
-            "such as jax.lax.ragged_dot."
-        )
-    if not interpret and native != backend:
-        raise ValueError(
-            f"backend={backend!r} runs natively only on "
-            f"{'TPU' if backend == 'tpu' else 'GPU'}, but the default platform is "
-            f"{platform!r}: pass interpret=True or backend='auto'."
-        )
-    return backend
-
-
-def _blocks(cfg: _Cfg, k: int, n: int) -> BlockSizes:
-    return cfg.block_sizes or default_block_sizes(cfg.backend, k, n)
-
-
 def _run_gmm(cfg: _Cfg, lhs, rhs, group_sizes, group_offset, transpose_rhs: bool):
-    k_dim = lhs.shape[1]
     n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if lhs.shape[0] == 0:
         return jnp.zeros((0, n_dim), cfg.out_dtype)
-    return _KERNELS[cfg.backend].gmm(
+    return dispatch.gmm(
         lhs,
         rhs,
         group_sizes,
         group_offset,
         transpose_rhs=transpose_rhs,
         out_dtype=cfg.out_dtype,
-        block_sizes=_blocks(cfg, k_dim, n_dim),
+        block_sizes=cfg.block_sizes,
+        backend=cfg.backend,
         interpret=cfg.interpret,
     )
 
@@ -101,16 +79,31 @@ def _run_gmm(cfg: _Cfg, lhs, rhs, group_sizes, group_offset, transpose_rhs: bool
 def _run_tgmm(cfg: _Cfg, lhs, grad, group_sizes, group_offset, num_groups: int):
     if lhs.shape[0] == 0:
         return jnp.zeros((num_groups, lhs.shape[1], grad.shape[1]), cfg.out_dtype)
-    return _KERNELS[cfg.backend].tgmm(
+    return dispatch.tgmm(
         lhs,
         grad,
         group_sizes,
         group_offset,
         num_groups=num_groups,
         out_dtype=cfg.out_dtype,
-        block_sizes=_blocks(cfg, lhs.shape[1], grad.shape[1]),
+        block_sizes=cfg.block_sizes,
+        backend=cfg.backend,
         interpret=cfg.interpret,
     )
+
+
+def _check_interpret(interpret) -> bool | str:
+    if interpret == "auto":
+        return "auto"
+    if not isinstance(interpret, (bool, np.bool_)):
+        raise ValueError(f"interpret must be True, False or 'auto', got {interpret!r}")
+    return bool(interpret)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto', 'tpu' or 'triton', got {backend!r}")
+    return backend
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -228,7 +221,7 @@ def gmm(
     transpose_rhs: bool = False,
     preferred_element_type=None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
+    interpret: bool | str = False,
     backend: str = "auto",
 ) -> jax.Array:
     """Grouped matmul: lhs [R, D], rhs [G, D, F] ([G, F, D] if transpose_rhs) -> [R, F].
@@ -246,9 +239,9 @@ def gmm(
     group_sizes, group_offset = _check_groups(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
     dtype = _compute_dtype(lhs, rhs, "lhs", "rhs")
     cfg = _Cfg(
-        backend=resolve_backend(backend, interpret),
+        backend=_check_backend(backend),
         block_sizes=block_sizes,
-        interpret=bool(interpret),
+        interpret=_check_interpret(interpret),
         out_dtype=np.dtype(preferred_element_type or dtype),
     )
     return _gmm(
@@ -265,7 +258,7 @@ def tgmm(
     num_groups: int | None = None,
     preferred_element_type=None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
+    interpret: bool | str = False,
     backend: str = "auto",
 ) -> jax.Array:
     """Per-group lhs^T @ grad: lhs [R, D], grad [R, F] -> [G, D, F] (the gmm weight gradient).
@@ -284,9 +277,9 @@ def tgmm(
     group_sizes, group_offset = _check_groups(group_sizes, group_offset, num_groups, lhs.shape[0])
     dtype = _compute_dtype(lhs, grad, "lhs", "grad")
     cfg = _Cfg(
-        backend=resolve_backend(backend, interpret),
+        backend=_check_backend(backend),
         block_sizes=block_sizes,
-        interpret=bool(interpret),
+        interpret=_check_interpret(interpret),
         out_dtype=np.dtype(preferred_element_type or dtype),
     )
     return _tgmm(

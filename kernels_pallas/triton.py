@@ -82,9 +82,13 @@ def _gmm_kernel(
             )  # [tk, tn]
             return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-        # Inactive visits run the loop zero times.
-        trips = jnp.where(active, pl.cdiv(k_dim, tk), 0)
-        acc = jax.lax.fori_loop(0, trips, body, jnp.zeros((tm, tn), jnp.float32))  # [tm, tn]
+        # Inactive visits run the loop zero times. Both bounds are int32 values: Triton's
+        # scf.for needs lower bound, upper bound and step of one type (a jnp.where of Python
+        # ints lowers to a different one and fails the verifier).
+        trips = active.astype(jnp.int32) * pl.cdiv(k_dim, tk)
+        acc = jax.lax.fori_loop(
+            jnp.int32(0), trips, body, jnp.zeros((tm, tn), jnp.float32)
+        )  # [tm, tn]
         outside = (rows < lo) | (rows >= hi)  # [tm]
         write = (mine | outside) & (rows < num_rows)  # [tm]
         plt.store(
@@ -161,8 +165,8 @@ def _tgmm_kernel(bounds_ref, lhs_ref, grad_ref, out_ref, *, tm: int, tk: int, tn
             x, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )  # [tk, tn]
 
-    trips = pl.cdiv(end - start, tm)  # 0 for an empty group: it stores zeros
-    acc = jax.lax.fori_loop(0, trips, body, jnp.zeros((tk, tn), jnp.float32))  # [tk, tn]
+    trips = pl.cdiv(end - start, tm).astype(jnp.int32)  # 0 for an empty group: stores zeros
+    acc = jax.lax.fori_loop(jnp.int32(0), trips, body, jnp.zeros((tk, tn), jnp.float32))
     plt.store(
         out_ref.at[g, pl.ds(d0, tk), pl.ds(f0, tn)],
         acc.astype(out_ref.dtype),

@@ -40,12 +40,14 @@ def routed_ffn(
     *,
     activation: str = "swiglu",
     backend: str = "auto",
+    device=None,
 ) -> jax.Array:
     """x [T, D]; token_idx [R] int; row_weights [R]; group_sizes [N] (sum <= R) -> y [T, D].
 
-    Differentiable in x, row_weights and the parameters (routing weights get their gradient
-    through row_weights)."""
-    impl = get_backend(backend)
+    device: what "auto" resolves for (a device of the program's target; default: the default
+    backend's). Differentiable in x, row_weights and the parameters (routing weights get
+    their gradient through row_weights)."""
+    impl = get_backend(backend, device)
     if impl.fused:
         return impl.fn(x, token_idx, row_weights, group_sizes, *params, activation=activation)
     num_rows = token_idx.shape[0]

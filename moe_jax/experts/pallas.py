@@ -14,6 +14,9 @@ import kernels_pallas
 
 
 def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """lhs [R, D], rhs [G, D, F], group_sizes [G] -> [R, F] through the Pallas kernels."""
-    interpret = jax.default_backend() == "cpu"
-    return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret=interpret)
+    """lhs [R, D], rhs [G, D, F], group_sizes [G] -> [R, F] through the Pallas kernels.
+
+    The kernel family is chosen when the program is lowered, for its target (Mosaic for TPU,
+    Triton for NVIDIA), also when this host compiles for devices it does not have; a CPU
+    target runs the kernel in interpret mode."""
+    return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret="auto")

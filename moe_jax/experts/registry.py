@@ -44,20 +44,43 @@ def register_backend(name: str, fn: Callable, *, fused: bool = False) -> None:
     _BACKENDS[name] = Backend(fn, fused)
 
 
-def resolve_backend(name: str) -> str:
-    """Map "auto" to a concrete backend for the default platform."""
+MIN_TRITON_CC = (8, 0)  # XLA runs Triton kernels on Ampere and newer only
+
+
+def compute_capability(device) -> tuple[int, int] | None:
+    """(major, minor) of an NVIDIA device (also a compile-only one), else None."""
+    cc = getattr(device, "compute_capability", None)
+    if cc is None:
+        return None
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def resolve_backend(name: str, device=None) -> str:
+    """Map "auto" to a concrete backend for the device the program targets (default: the
+    first device of the default backend): TPU -> pallas (Mosaic); NVIDIA with compute
+    capability >= 8.0 -> pallas (Triton); older NVIDIA and CPU -> tiled (the fused XLA loop).
+    Never ragged on a GPU, where XLA computes ragged_dot densely. "pallas" on a pre-Ampere
+    GPU raises, naming the compute capability."""
+    device = jax.devices()[0] if device is None else device
+    platform = device.platform
+    cc = compute_capability(device) if platform in ("gpu", "cuda") else None
+    if name == "pallas" and cc is not None and cc < MIN_TRITON_CC:
+        raise ValueError(
+            f"MoEConfig.backend='pallas' needs an NVIDIA GPU of compute capability >= 8.0 "
+            f"(Triton); {getattr(device, 'device_kind', 'this GPU')} has "
+            f"{cc[0]}.{cc[1]}: use backend='tiled' (or 'auto')"
+        )
     if name != "auto":
         return name
-    platform = jax.default_backend()
-    # Without the Pallas kernel (CPU, or a GPU/TPU build lacking it) the fused tiled XLA loop
-    # is the fast path; ragged_dot computes densely there.
-    for cand in ("pallas", "tiled") if platform in ("tpu", "gpu") else ("tiled",):
+    native = platform == "tpu" or (cc is not None and cc >= MIN_TRITON_CC)
+    if native:
         try:
-            _load(cand)
+            _load("pallas")
+            return "pallas"
         except ImportError:
-            continue
-        return cand
-    return "ragged"
+            pass  # a build without the kernels: the XLA loop below
+    return "tiled"
 
 
 def _load(name: str) -> Backend:
@@ -72,10 +95,10 @@ def _load(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def get_backend(name: str) -> Backend:
-    """The backend for a MoEConfig.backend value ("auto" resolved); a clear ValueError if it
-    cannot run here."""
-    name = resolve_backend(name)
+def get_backend(name: str, device=None) -> Backend:
+    """The backend for a MoEConfig.backend value ("auto" resolved for `device`, see
+    resolve_backend); a clear ValueError if it cannot run there."""
+    name = resolve_backend(name, device)
     try:
         return _load(name)
     except ImportError as e:

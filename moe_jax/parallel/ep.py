@@ -85,7 +85,7 @@ def _local_layout(recv_counts: jax.Array, cb: int):
     return jnp.where(e < n_loc, pos, ep * cb), group_sizes
 
 
-def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb: int, ep: int, kind):
+def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb, ep, kind, device):
     """Steps 2-6 for one shard. xt [T, D] local tokens. Returns y [T, D], rows sent, overflow."""
     t, d = xt.shape
     n = cfg.num_experts
@@ -125,6 +125,7 @@ def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb: in
             params,
             activation=cfg.activation,
             backend=cfg.backend,
+            device=device,
         ).reshape(ep, cb, d)  # [EP, Cb, D]; padding rows are 0
     with jax.named_scope("exchange_back"):
         yback = _exchange(yrecv, recv_sizes, sent, kind)  # [EP, Cb, D]
@@ -136,11 +137,11 @@ def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb: in
     return y.astype(cdt), jnp.sum(sent), overflow
 
 
-def _shard_fn(xt, logits, modality, sel_bias, params, *, cfg, train, cb, ep, kind):
+def _shard_fn(xt, logits, modality, sel_bias, params, *, cfg, train, cb, ep, kind, device):
     lb_axes = lb_axis_names(cfg) if cfg.lb_scope == "global" else None
     with jax.named_scope("route"):
         r = routing.route(logits, cfg, train=train, axis_name=lb_axes, selection_bias=sel_bias)
-    y, sent, overflow = _routed(xt, r, params, cfg, cb, ep, kind)
+    y, sent, overflow = _routed(xt, r, params, cfg, cb, ep, kind, device)
     st = stats.routing_stats(cfg, r, modality, BATCH_AXES)
     lb = jax.lax.pmean(r.lb_loss, BATCH_AXES)  # f is global already; this averages P over shards
     z = jax.lax.pmean(r.z_loss, BATCH_AXES)
@@ -184,13 +185,20 @@ def ep_forward(
         args = jax.tree.map(
             lambda a, s: jax.sharding.reshard(a, NamedSharding(ep.mesh, s)), args, specs
         )
+    device = ep.mesh.devices.flat[0]  # "auto" picks the expert path for the mesh's target
     fn = functools.partial(
-        _shard_fn, cfg=cfg, train=train, cb=cb, ep=ep.expert_size, kind=ep.exchange_kind()
+        _shard_fn,
+        cfg=cfg,
+        train=train,
+        cb=cb,
+        ep=ep.expert_size,
+        kind=ep.exchange_kind(),
+        device=device,
     )
     # Interpret-mode Pallas kernels and the tiled backend's while loop (its carry starts as an
     # unvarying zeros array) do not type-check under device-variance checking; without it the
     # values and gradients still equal one device (tests/test_parallel.py covers "tiled").
-    check_vma = resolve_backend(cfg.backend) not in ("pallas", "tiled")
+    check_vma = resolve_backend(cfg.backend, device) not in ("pallas", "tiled")
     y, lb, z, st, ids = jax.shard_map(
         fn, mesh=ep.mesh, in_specs=specs, out_specs=(tok, P(), P(), P(), tok), check_vma=check_vma
     )(*args)

@@ -116,8 +116,9 @@ def make_mesh(
     shape = config.shape(len(devices))
     if len(axis_types) != len(AXES):
         raise ValueError(f"axis_types needs one entry per mesh axis {AXES}, got {axis_types}")
-    if len(devices) == len(jax.devices()):
+    if devices == list(jax.devices()):
         return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    # A subset, or compile-only devices of another target (moe_jax.train.aot).
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
 
 

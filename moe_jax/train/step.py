@@ -94,6 +94,33 @@ def init_state(cfg: TrainConfig, ep=None):
     return graphdef, state
 
 
+def abstract_state(cfg: TrainConfig, ep):
+    """(graphdef, state) like init_state(cfg, ep), with every leaf a jax.ShapeDtypeStruct
+    carrying its sharding on ep.mesh: the train step compiles against it and nothing is
+    materialized (moe_jax.train.aot compiles for devices this host does not have)."""
+    abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+    set_parallel(abstract, ep)
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
+
+    def init():
+        params, rest = _init_params(cfg.model, cfg.seed)
+        return {
+            "params": params,
+            "rest": rest,
+            "opt": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key(cfg.seed),
+        }
+
+    shapes = jax.eval_shape(init)
+    shardings = parallel.state_shardings(shapes, ep.mesh)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return graphdef, state
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_params(model_cfg: model_lib.ModelConfig, seed: int):
     """(params, rest) of a fresh model; jitted and cached per (config, seed)."""
