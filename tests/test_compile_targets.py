@@ -142,3 +142,8 @@ def test_aot_cli_errors_name_the_problem():
     assert r.returncode == 2 and "config.mesh" in r.stderr, r.stderr
     r = run("--target=tpu:v5e:4x4", "--config=configs/default.py:smoke", "--config.mesh.expert=4")
     assert r.returncode == 2 and "divisible" in r.stderr, r.stderr
+    # 3 x 4 bytes x (4 layers x 8 experts x 3 x 1024 x 16384) ~ 19 GB of f32 params and Adam
+    # moments do not fit a 16 GB T4: the report says so and the exit status is 1.
+    big = ("--config.model.d_model=1024", "--config.moe.d_ff=16384")
+    r = run("--target=gpu:t4x1", "--config=configs/default.py", *big)
+    assert r.returncode == 1 and "does not fit" in r.stdout, (r.stdout, r.stderr)

@@ -83,7 +83,8 @@ def compile_train_step(cfg: TrainConfig, target: str) -> dict:
     mem = compiled.memory_analysis()
     arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias = getattr(mem, "alias_size_in_bytes", 0)  # donated state: outputs reuse argument bytes
-    total = arg + out - alias + tmp + getattr(mem, "generated_code_size_in_bytes", 0)
+    code = getattr(mem, "generated_code_size_in_bytes", 0)
+    total = arg + out - alias + tmp + code
     capacity = targets.device_memory_bytes(target)
     hlo = compiled.as_text()
     return {
@@ -100,6 +101,7 @@ def compile_train_step(cfg: TrainConfig, target: str) -> dict:
             "outputs": out,
             "aliased": alias,
             "temporaries": tmp,
+            "code": code,
             "total": total,
             "device_memory": capacity,
         },
@@ -124,7 +126,8 @@ def format_report(r: dict) -> str:
             f"expert backend: {r['expert_backend'] or 'none (dense model)'}{kernel}",
             f"compile time {r['compile_seconds']:.1f} s",
             f"per device: arguments {gib(b['arguments'])}, outputs {gib(b['outputs'])} "
-            f"({gib(b['aliased'])} aliased with arguments), temporaries {gib(b['temporaries'])}",
+            f"({gib(b['aliased'])} aliased with arguments), temporaries {gib(b['temporaries'])}, "
+            f"code {gib(b['code'])}",
             f"total {gib(b['total'])} of {gib(b['device_memory'])}: "
             + ("fits" if r["fits"] else "does not fit"),
         ]
