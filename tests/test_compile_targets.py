@@ -15,6 +15,8 @@ import sys
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/ lives at the repository root
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,7 +30,6 @@ from moe_jax import MoE, MoEConfig, experts, parallel  # noqa: E402
 from moe_jax.train import aot  # noqa: E402
 from moe_jax.train.config import from_config_dict  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 PACKAGES = {"gpu": "jax_cuda12_plugin", "tpu": "libtpu"}
 ROUTERS = {
