@@ -44,5 +44,7 @@ setup(
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "notebook": ["jupyter", "ipykernel>=6"],
+        # The TensorBoard viewer for the scalars runs write to <workdir>/tb (tensorboardX).
+        "tensorboard": ["tensorboard>=2.16"],
     },
 )

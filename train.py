@@ -6,7 +6,11 @@
     python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
 
 Re-running with the same workdir resumes from its latest complete checkpoint. SIGTERM saves a
-checkpoint at the current step and exits with status 0; a NaN/Inf loss exits with status 1.
+checkpoint at the current step and exits with status 0; a NaN/Inf loss exits with status 1;
+an invalid config or data file prints one line `error: <message naming the field>` and exits
+with status 2. Switching router on the command line (--config.moe.router=topk) drops the
+file's null-router moe.rho / moe.num_null_experts unless they are given too
+(moe_jax.train.config.cli_overrides).
 """
 
 import os
@@ -35,14 +39,29 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
     from moe_jax import train  # after flag parsing: jax reads its env on import
 
-    config = _CONFIG.value
+    config = train.config.cli_overrides(
+        _CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"])
+    )
     workdir = _WORKDIR.value or os.path.join("workdir", config.get("name", "run"))
+    try:  # every config and data-file error, before anything is built: one line, status 2
+        cfg = train.from_config_dict(config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
-        train.run(config, workdir)
+        train.run(cfg, workdir)
     except train.NonFiniteLossError as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except (
+        train.ConfigMismatchError,
+        train.CheckpointMismatchError,
+        train.WorkdirBusyError,
+    ) as err:
+        # resume refused (another config, a checkpoint of other shapes) or the workdir in use
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

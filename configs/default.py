@@ -25,10 +25,14 @@ Launch:
   python train.py --config=configs/default.py:smoke --workdir=/tmp/smoke
   python train.py --config=configs/default.py:k8_rho025,smoke
   python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
+  python train.py --config=configs/default.py --config.moe.router=topk --config.moe.top_k=2
+      # switching router on the command line drops the file's null-router moe.rho /
+      # moe.num_null_experts unless they are given on the command line too
   python train.py --config=configs/default.py:xmoe_dense --workdir=/tmp/xd
   python experiments/eval_sweep.py --run=xmoe_dense@/tmp/xd --t_eval=1.0,0.9,0.7,0.5
   python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
-  tensorboard --logdir=./workdir
+  tensorboard --logdir=./workdir        # the viewer: pip install -e ".[tensorboard]"
+Config errors print one line `error: config.<section>.<field>=<value> is invalid: ...` and exit 2.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.router = "null"  # null | topk | switch | threshold | expert_choice
     e.num_experts = 8  # N: real experts per MoE layer
     e.top_k = 4  # K: slots picked per token (k_max for the null router)
-    e.rho = 0.5  # null router density N/(N+M); E[K] = top_k * rho
+    e.rho = 0.5  # null router density N/(N+M); E[K] = top_k * rho; null router only
     e.d_ff = 128  # F: hidden width of each expert
     e.activation = "swiglu"  # swiglu | gelu
     e.expert_bias = False  # biases in the expert FFNs
@@ -119,12 +123,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.kind = "shapes"  # shapes | shapes_text | manifest | text
     d.image_size = 32  # pixels per image side
     d.patch_size = 4  # pixels per patch side: (32/4)^2 = 64 vision tokens
-    d.text_len = 24  # text tokens per row
+    d.text_len = 24  # text tokens per row: bos + at most text_len - 1 caption tokens + eos
     d.batch_size = 16  # global batch (sequences of 64 patch + 24 text tokens)
     d.n_eval = 256  # held-out records for the eval loop
     d.max_shapes = 3  # shapes per scene (1..5)
     d.num_workers = 0  # grain worker processes (0 = main process)
-    d.paths = ()  # manifest / text files for the file kinds
+    d.paths = ()  # manifest / text files for the file kinds (README "Training on your own files")
+    d.truncate = (
+        False  # manifest: cut captions longer than text_len - 1 tokens (eos kept); False: error
+    )
+    d.resize = False  # manifest: resize images that are not image_size square; False: error
 
     c.opt = o = ml_collections.ConfigDict()
     o.lr = 3e-3  # peak learning rate

@@ -119,8 +119,10 @@ class MoE(nnx.Module):
             raise ValueError(
                 f"MoE input must be [B, L, {cfg.d_model}] or [T, {cfg.d_model}], got {x.shape}"
             )
-        if modality is not None and modality.shape != x.shape[:-1]:
-            raise ValueError(f"modality ids must have shape {x.shape[:-1]}, got {modality.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"MoE input x must be a floating-point array, got dtype {x.dtype}")
+        if modality is not None:
+            _check_modality(modality, x.shape[:-1], cfg.num_modalities)
         deterministic = self.deterministic if deterministic is None else deterministic
         train = not deterministic
         lead = x.shape[:-1]
@@ -165,6 +167,24 @@ class MoE(nnx.Module):
             opt(self.w_out),
             opt(self.b_in, False),
             opt(self.b_out, False),
+        )
+
+
+def _check_modality(modality, shape: tuple[int, ...], num_modalities: int) -> None:
+    """Shape and integer dtype always; values in [0, num_modalities) when concrete (outside
+    jit). Under jit the values are not checked: ids outside the range drop out of the
+    per-modality statistics (moe_jax.core.stats)."""
+    if modality.shape != shape:
+        raise ValueError(f"modality ids must have shape {shape}, got {modality.shape}")
+    if not jnp.issubdtype(modality.dtype, jnp.integer):  # bool is not an integer dtype here
+        raise ValueError(f"modality ids must be an integer array, got dtype {modality.dtype}")
+    if isinstance(modality, jax.core.Tracer) or modality.size == 0:
+        return
+    lo, hi = int(jnp.min(modality)), int(jnp.max(modality))
+    if lo < 0 or hi >= num_modalities:
+        raise ValueError(
+            f"modality ids must lie in [0, MoEConfig.num_modalities={num_modalities}), got "
+            f"values in [{lo}, {hi}]"
         )
 
 

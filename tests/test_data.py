@@ -223,7 +223,7 @@ def manifest_dir(tmp_path):
 def test_manifest_records_load_resized(manifest_dir):
     cfg = data.DataConfig(
         kind="manifest", paths=str(manifest_dir / "m.jsonl"), image_size=8, patch_size=4,
-        text_len=32, batch_size=2, n_eval=2,
+        text_len=32, batch_size=2, n_eval=2, resize=True,
     )  # fmt: skip
     batches = _take(data.make_dataset(cfg, "eval"), 1)
     b = batches[0]
@@ -261,6 +261,7 @@ def test_unreadable_image_names_the_record(manifest_dir):
     (manifest_dir / "img" / "3.png").write_bytes(b"not an image at all")
     cfg = data.DataConfig(
         kind="manifest", paths=(str(manifest_dir / "m.jsonl"),), text_len=32, batch_size=6, n_eval=0,
+        resize=True,
     )  # fmt: skip
     with pytest.raises(data.ManifestError, match="unreadable") as err:
         next(data.make_dataset(cfg, "train"))

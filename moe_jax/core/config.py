@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from moe_jax.core.validate import field_error, is_pos_int
+from moe_jax.core.validate import check_finite_floats, field_error, is_pos_int
 
 ROUTERS = ("null", "topk", "switch", "threshold", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -103,6 +103,7 @@ class MoEConfig:
     null_bias_update_rate: float = 0.0  # u of the null-ratio controller on the null logit (0 = off)
 
     def __post_init__(self):
+        check_finite_floats("MoEConfig", self)  # NaN/inf first: they slip past range checks
         for name in ("d_model", "d_ff", "num_experts", "top_k", "min_capacity", "num_modalities"):
             if not is_pos_int(getattr(self, name)):
                 raise _err(name, "must be an integer >= 1", getattr(self, name))

@@ -7,6 +7,7 @@ check(d_model >= 1, "d_model", d_model, "must be an integer >= 1")
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -40,3 +41,12 @@ def is_pos_int(v) -> bool:
 def is_finite(v) -> bool:
     """A real number (int or float, not bool) that is neither NaN nor infinite."""
     return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_finite_floats(owner: str, obj, prefix: str = "") -> None:
+    """Raise field_error(owner, prefix + name) for the first float field of the dataclass
+    `obj` that is NaN or infinite: such a value passes every `<` / `>` range check silently."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float | np.floating) and not math.isfinite(v):
+            raise field_error(owner, prefix + f.name, v, "must be a finite number (not NaN or inf)")

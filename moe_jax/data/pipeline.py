@@ -26,7 +26,10 @@ Train is shuffled by `seed` (reshuffled every epoch) and repeats forever; eval i
 order. Global batch j holds stream positions [j*B, (j+1)*B); process p takes positions
 [j*B + p*b, j*B + (p+1)*b), so processes see disjoint slices that cover the global batch.
 Every record is a pure function of its index, so shuffling, sharding and resumption are exact.
-Captions longer than L + 1 tokens (with bos and eos) are truncated.
+A row holds bos, at most L - 1 caption tokens and eos. A longer manifest caption is an error
+naming the manifest, line, its length and text_len, unless DataConfig.truncate is set: then it
+is cut to L - 1 tokens and eos is kept, and the number cut is logged as a warning when the
+source is built (check_splits / make_source; also ManifestSource.num_truncated).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import dataclasses
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from moe_jax.core.validate import checker, is_int
 from moe_jax.data import scenes
@@ -46,7 +49,14 @@ from moe_jax.data.sources import (
     read_manifest,
     read_text_stream,
 )
-from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer, num_windows, pad_example
+from moe_jax.data.tokenizer import (
+    EOS,
+    ByteTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    num_windows,
+    pad_example,
+)
 
 KINDS = ("shapes", "shapes_text", "manifest", "text")
 TOKENIZERS = ("auto", "word", "byte")
@@ -72,11 +82,15 @@ class DataConfig:
     prefetch: int = 4  # batches buffered ahead by each reading process
     tokenizer: str = "auto"  # auto: word for shapes kinds, byte for file kinds
     max_shapes: int = 3  # shapes per scene, at most 1..5
+    truncate: bool = False  # manifest: cut captions > text_len - 1 tokens, eos kept; False: error
+    resize: bool = False  # manifest: area-resize non-square-S images (aspect lost); False: error
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         object.__setattr__(self, "paths", paths)
         _check(self.kind in KINDS, "kind", self.kind, f"one of {KINDS}")
+        for field in ("truncate", "resize"):
+            _check(isinstance(getattr(self, field), bool), field, getattr(self, field), "a bool")
         _check(self.tokenizer in TOKENIZERS, "tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
         limits = [  # (field, lowest, highest) for the int fields
             ("patch_size", 1, 1024),
@@ -165,17 +179,61 @@ def batch_spec(
     return spec
 
 
-def _split_range(cfg: DataConfig, split: str, n_records: int | None) -> tuple[int, int]:
+def _split_range(
+    cfg: DataConfig, split: str, n_records: int | None, what: str = "the data"
+) -> tuple[int, int]:
     """(start, length) of a split; n_records None means unbounded (procedural scenes)."""
     n_train = cfg.n_train
     if n_train is None:
         n_train = DEFAULT_N_TRAIN if n_records is None else n_records - cfg.n_eval
     if n_records is not None and (n_train < 1 or n_train + cfg.n_eval > n_records):
         raise ValueError(
-            f"DataConfig.n_train={cfg.n_train!r}, n_eval={cfg.n_eval}: the data holds "
+            f"DataConfig.n_train={cfg.n_train!r}, n_eval={cfg.n_eval}: {what} holds "
             f"{n_records} records; need n_train >= 1 and n_train + n_eval <= {n_records}"
         )
     return (0, n_train) if split == "train" else (n_train, cfg.n_eval)
+
+
+def _records(cfg: DataConfig) -> tuple[list, str]:
+    """Manifest records of every file, and what they are (for messages)."""
+    records = [r for m in cfg.paths for r in read_manifest(m)]
+    return records, f"manifest(s) {', '.join(cfg.paths)}"
+
+
+def _count_long_captions(cfg: DataConfig, records) -> int:
+    """Captions over text_len - 1 tokens: ManifestError unless cfg.truncate; returns the count."""
+    tok, fit, n_long = make_tokenizer(cfg), cfg.text_len - 1, 0
+    for _, text, line_no, manifest in records:
+        n = len(tok.encode(text))
+        if n > fit:
+            if not cfg.truncate:
+                raise ManifestError(
+                    f"manifest {manifest}, line {line_no}: caption is {n} tokens, but "
+                    f"DataConfig.text_len={cfg.text_len} fits {fit} (a row is bos, caption, eos); "
+                    "raise text_len or set DataConfig.truncate=True to cut long captions"
+                )
+            n_long += 1
+    return n_long
+
+
+def check_splits(cfg: DataConfig) -> None:
+    """Reads the files of a file kind once and checks them and the split sizes, so a bad file
+    or n_train / n_eval fails before training starts; the built-in kinds need no check."""
+    if cfg.kind == "manifest":
+        records, what = _records(cfg)
+        _count_long_captions(cfg, records)
+        _split_range(cfg, "train", len(records), what)
+    elif cfg.kind == "text":
+        stream = read_text_stream(cfg.paths)
+        n = num_windows(len(stream), cfg.text_len)
+        _split_range(cfg, "train", n, _text_what(cfg, len(stream)))
+
+
+def _text_what(cfg: DataConfig, stream_len: int) -> str:
+    return (
+        f"text file(s) {', '.join(cfg.paths)} ({stream_len} tokens, windows of "
+        f"text_len + 1 = {cfg.text_len + 1})"
+    )
 
 
 def make_source(cfg: DataConfig, split: str):
@@ -191,13 +249,24 @@ def make_source(cfg: DataConfig, split: str):
             max_shapes=cfg.max_shapes,
         )
     if cfg.kind == "manifest":
-        records = [r for m in cfg.paths for r in read_manifest(m)]
-        start, length = _split_range(cfg, split, len(records))
-        return ManifestSource(
-            records[start : start + length], image_size=cfg.image_size, patch_size=cfg.patch_size
+        records, what = _records(cfg)
+        start, length = _split_range(cfg, split, len(records), what)
+        records = records[start : start + length]
+        n_long = _count_long_captions(cfg, records)
+        if n_long:
+            logging.warning(
+                "DataConfig.truncate=True: %d of %d %s captions are longer than text_len - 1 = "
+                "%d tokens and are cut (eos kept)",
+                *(n_long, len(records), split, cfg.text_len - 1),
+            )
+        source = ManifestSource(
+            records, image_size=cfg.image_size, patch_size=cfg.patch_size, resize=cfg.resize
         )
+        source.num_truncated = n_long
+        return source
     stream = read_text_stream(cfg.paths)
-    start, length = _split_range(cfg, split, num_windows(len(stream), cfg.text_len))
+    n = num_windows(len(stream), cfg.text_len)
+    start, length = _split_range(cfg, split, n, _text_what(cfg, len(stream)))
     return WindowSource(stream, start=start, length=length, text_len=cfg.text_len)
 
 
@@ -212,6 +281,8 @@ class ToExample:
         if "caption" not in record:  # already a text window
             return record
         ids = self.tokenizer.encode(record["caption"], bos=True, eos=True)
+        if len(ids) > self.text_len + 1:  # DataConfig.truncate: cut the caption, keep eos
+            ids = np.concatenate([ids[: self.text_len], np.asarray([EOS], np.int32)])
         example = pad_example(ids, self.text_len)
         if self.has_image:
             example["image"] = record["image"]

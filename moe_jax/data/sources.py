@@ -1,12 +1,20 @@
 """Record sources over users' files: image+caption JSONL manifests and text files.
 
-A manifest is JSONL, one {"image": path, "caption": str} object per line, image paths relative
-to the manifest's folder. Manifests are checked line by line when read (JSON, fields, empty
-captions, missing files); image bytes are decoded when a record is read. Every problem raises
-ManifestError naming the manifest, the line number and the image path.
+A manifest is UTF-8 JSONL, one {"image": path, "caption": str} object per line, image paths
+relative to the manifest's folder. Manifests are checked line by line when read (UTF-8, JSON,
+fields, empty captions, missing files, at least one record); image bytes are decoded when a
+record is read. Every problem raises ManifestError naming the manifest, the line number and
+the image path.
+
+Images (load_image) are decoded explicitly, never silently: 8-bit and 16-bit grey / RGB / palette
+images are scaled by their bit depth to [0, 1]; images with an alpha channel (RGBA, LA, palette
+with transparency) are composited onto a white background; 32-bit integer and float images
+are refused. An image whose size is not image_size x image_size is refused unless
+DataConfig.resize is set, which area-resizes it (aspect ratio not kept).
 
 Text files are byte-tokenized, one document per file, packed into one stream and served as
-overlapping next-token windows (see tokenizer.pack_stream / stream_window).
+overlapping next-token windows (see tokenizer.pack_stream / stream_window). An empty text
+file is refused, naming it.
 """
 
 from __future__ import annotations
@@ -27,17 +35,25 @@ def read_manifest(path: str) -> list[tuple[str, str, int, str]]:
     """Parses a JSONL manifest into (image path, caption, line number, manifest) records.
 
     Image paths are relative to the manifest's folder. Raises ManifestError naming the line
-    for a bad JSON line, a missing or non-string field, an empty caption or a missing file.
+    for a line that is not UTF-8 or not JSON, a missing or non-string field, an empty caption
+    or a missing file, and naming the manifest when it holds no records.
     """
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path!r} does not exist")
     root = os.path.dirname(os.path.abspath(path))
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"manifest {path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(
+                    f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the manifest as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"manifest {path}, line {line_no}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
@@ -53,30 +69,81 @@ def read_manifest(path: str) -> list[tuple[str, str, int, str]]:
             if not os.path.isfile(full):
                 raise ManifestError(f"{where}: image file {full!r} not found")
             records.append((full, text, line_no, path))
+    if not records:
+        raise ManifestError(
+            f"manifest {path} holds no records: expected one JSON object per line, "
+            '{"image": "relative/path.png", "caption": "text"}'
+        )
     return records
 
 
-def load_image(path: str, image_size: int, where: str = "") -> np.ndarray:
-    """Decodes an image file to [S, S, 3] float32 in [0, 1], area-resized (aspect not kept)."""
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _decode(im, path: str, where: str, image_size: int, resize: bool) -> np.ndarray:
+    """An open PIL image -> [S, S, 3] float32 in [0, 1] (the rules in the module docstring)."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in _SIXTEEN_BIT or (mode == "I" and im.format == "PNG"):
+        im, scale = im.convert("I"), 65535.0  # 16-bit grey (Pillow reads 16-bit PNG as I;16 / I)
+    elif mode in ("I", "F"):
+        raise ManifestError(
+            f"{where}: image file {path!r} has 32-bit pixel mode {mode!r}, which has no "
+            "fixed [0, 1] scale; save it as an 8- or 16-bit PNG or a JPEG"
+        )
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im, scale = im.convert("RGBA"), 255.0
+    else:
+        im, scale = im.convert("RGB"), 255.0
+    if im.size != (image_size, image_size):
+        if not resize:
+            w, h = im.size
+            raise ManifestError(
+                f"{where}: image file {path!r} is {w}x{h} pixels, expected "
+                f"{image_size}x{image_size} (DataConfig.image_size); resize the files, or set "
+                "DataConfig.resize=True to area-resize them (aspect ratio not kept)"
+            )
+        im = im.resize((image_size, image_size), Image.Resampling.BOX)
+    x = np.asarray(im, np.float32) / scale  # [S, S], [S, S, 3] or [S, S, 4]
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)  # grey -> [S, S, 3]
+    if x.shape[-1] == 4:  # alpha onto white: rgb * a + 1 * (1 - a)
+        x = x[..., :3] * x[..., 3:] + (1.0 - x[..., 3:])
+    return np.clip(x, 0.0, 1.0)
+
+
+def load_image(path: str, image_size: int, where: str = "", *, resize: bool = False) -> np.ndarray:
+    """Decodes an image file to [S, S, 3] float32 in [0, 1]; raises ManifestError naming
+    `where` (manifest and line) and the file for any file it cannot decode or accept."""
     from PIL import Image  # pillow ships with matplotlib
 
+    where = where or f"image {path}"
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BOX)
-            return np.asarray(im, np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ManifestError(f"{where or path}: image file {path!r} unreadable ({e})") from None
+            im.load()
+            return _decode(im, path, where, image_size, resize)
+    except ManifestError:
+        raise
+    except Exception as e:  # noqa: BLE001  (any decoder failure: OSError, DecompressionBomb...)
+        raise ManifestError(
+            f"{where}: image file {path!r} unreadable ({type(e).__name__}: {e})"
+        ) from None
 
 
 class ManifestSource:
     """Random-access image+caption records: (image path, caption, line number, manifest)."""
 
     def __init__(
-        self, records: list[tuple[str, str, int, str]], *, image_size: int, patch_size: int
+        self,
+        records: list[tuple[str, str, int, str]],
+        *,
+        image_size: int,
+        patch_size: int,
+        resize: bool = False,
     ):
-        self.records, self.image_size = records, image_size
+        self.records, self.image_size, self.resize = records, image_size, resize
+        self.num_truncated = 0  # captions cut to text_len - 1 tokens (set by make_source)
         self.num_patches = (image_size // patch_size) ** 2
 
     def __len__(self) -> int:
@@ -84,7 +151,8 @@ class ManifestSource:
 
     def __getitem__(self, i: int) -> dict:
         path, text, line_no, manifest = self.records[i]
-        image = load_image(path, self.image_size, f"manifest {manifest}, line {line_no}")
+        where = f"manifest {manifest}, line {line_no}"
+        image = load_image(path, self.image_size, where, resize=self.resize)
         return {"image": image, "caption": text, "patch_fg": np.ones(self.num_patches, bool)}
 
 
@@ -111,5 +179,8 @@ def read_text_stream(paths: tuple[str, ...]) -> np.ndarray:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"DataConfig.paths: text file {path!r} not found")
         with open(path, "rb") as f:
-            docs.append(tok.encode(f.read()))
+            content = f.read()
+        if not content:
+            raise ValueError(f"DataConfig.paths: text file {path!r} is empty")
+        docs.append(tok.encode(content))
     return pack_stream(docs)

@@ -88,7 +88,9 @@ def pad_example(ids: np.ndarray, text_len: int) -> dict[str, np.ndarray]:
 
     The sequence is cut or padded to text_len + 1 tokens, then shifted:
     tokens = seq[:-1], targets = seq[1:], loss_mask = targets != pad. A sequence longer than
-    text_len + 1 is truncated (its eos is then lost); callers size text_len for their data.
+    text_len + 1 is cut here (its eos is then lost): callers check lengths first
+    (pipeline: the shapes kinds size text_len, manifests raise or, with DataConfig.truncate,
+    cut the caption and keep eos before calling this).
     """
     seq = np.full(text_len + 1, PAD, np.int32)
     n = min(len(ids), text_len + 1)

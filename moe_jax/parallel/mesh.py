@@ -89,7 +89,9 @@ class MeshConfig:
         """(data, expert) for `num_devices` devices; raises if they do not match."""
         if num_devices % self.expert:
             raise ValueError(
-                f"MeshConfig.expert={self.expert} does not divide the device count {num_devices}"
+                f"MeshConfig.expert={self.expert} does not divide the device count {num_devices}; "
+                "on CPU, get N devices with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                "(set before jax starts)"
             )
         data = num_devices // self.expert if self.data in (None, -1) else self.data
         if data * self.expert != num_devices:

@@ -5,7 +5,8 @@
     result = train.run(config_dict, workdir)   # what train.py runs
 """
 
-from moe_jax.train import checkpoint, config, loop, metrics, plots, step, sweep
+from moe_jax.train import checkpoint, config, loop, metrics, plots, step, sweep, workdir
+from moe_jax.train.checkpoint import CheckpointMismatchError
 from moe_jax.train.config import TrainConfig, from_config_dict
 from moe_jax.train.loop import Hook, Loop, run
 from moe_jax.train.step import (
@@ -17,8 +18,12 @@ from moe_jax.train.step import (
     make_optimizer,
     train_step,
 )
+from moe_jax.train.workdir import ConfigMismatchError, WorkdirBusyError
 
 __all__ = [
+    "CheckpointMismatchError",
+    "ConfigMismatchError",
+    "WorkdirBusyError",
     "Hook",
     "Loop",
     "NonFiniteLossError",
@@ -38,4 +43,5 @@ __all__ = [
     "step",
     "sweep",
     "train_step",
+    "workdir",
 ]

@@ -7,19 +7,78 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 mid-save leaves no step folder to restore. A step folder that exists but cannot be read (a
 corrupted or truncated file) is renamed to ``<step>.corrupt`` with a warning and the previous
 step is restored instead; the rename keeps later saves at that step from colliding.
+
+Checksums: once a step's save has finished (orbax finalizes it; the next save, wait() and
+close() notice), a manifest ``<step>/sha256.json`` with the sha256 of every file of the step
+is written. restore_latest verifies it first, so a same-size corruption (flipped bytes inside
+an array file) is caught and that step set aside like an unreadable one. A step of a run
+killed before its manifest was written restores unverified (a warning says so). A step whose
+files verify but whose arrays do not fit the target state is not corrupt: the structure
+changed (another config), and CheckpointMismatchError is raised without renaming anything.
+A restored state whose parameters are not all finite is set aside too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
 import grain
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "sha256.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint that does not fit the state being restored (another config)."""
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+    """{path relative to step_dir: sha256 hex} of every file under step_dir but the manifest."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def write_manifest(step_dir: str) -> None:
+    """Writes ``<step_dir>/sha256.json`` atomically (the step must be finalized)."""
+    path, digests = os.path.join(step_dir, MANIFEST), _file_digests(step_dir)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(digests, f, indent=0, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def verify_manifest(step_dir: str) -> bool | None:
+    """True if every file in the manifest is present with its checksum, None if there is no
+    manifest; raises ValueError naming the first bad file otherwise."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        want = json.load(f)
+    have = _file_digests(step_dir)
+    for rel, digest in sorted(want.items()):
+        if rel not in have:
+            raise ValueError(f"checksum manifest: {rel} is missing")
+        if have[rel] != digest:
+            raise ValueError(f"checksum mismatch in {rel}")
+    return True
 
 
 def _is_key(x) -> bool:
@@ -60,6 +119,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
         )
+        self.async_save = async_save
+        self._unsealed: list[int] = []  # saved steps without a checksum manifest yet
 
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
@@ -74,6 +135,19 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        # manager.save waits for the previous save first, so earlier steps are final now.
+        self._seal(self._unsealed)
+        self._unsealed = [step]
+        if not self.async_save:
+            self._seal(self._unsealed)
+
+    def _seal(self, steps: list[int]) -> None:
+        """Writes the checksum manifest of each finished step that still exists."""
+        for step in steps:
+            step_dir = os.path.join(self.directory, str(step))
+            if os.path.isdir(step_dir):
+                write_manifest(step_dir)
+        steps.clear()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -82,38 +156,69 @@ class Checkpointer:
         s = self.steps()
         return s[-1] if s else None
 
-    def restore_latest(self, state_like, data_iter: grain.DatasetIterator | None):
+    def restore_latest(self, state_like, data_iter: grain.DatasetIterator | None, *, changed=()):
         """(step, state) from the newest readable checkpoint, or None when there is none.
 
         ``state_like`` gives structure, dtypes and shardings (concrete or abstract arrays).
         ``data_iter`` is moved to the saved position. Unreadable steps are set aside with a
-        warning and the next older one is tried.
+        warning and the next older one is tried. ``changed``: config fields that differ from
+        the run that saved the checkpoints; when given, a failed restore raises
+        CheckpointMismatchError naming them instead of setting the step aside.
         """
         target = _abstract(state_like)
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                )
-                _check_finite_structure(restored["state"], target)
-                if data_iter is not None:
-                    self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)),
-                    )
-            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                verified = verify_manifest(os.path.join(self.directory, str(step)))
+            except ValueError as err:
+                self._skip(step, err)
+                continue
+            if verified is None:
                 log.warning(
-                    "checkpoint at step %d in %s is unreadable (%s: %s); skipping it and "
-                    "trying the previous one",
+                    "checkpoint at step %d in %s has no checksum manifest (its run ended before "
+                    "writing it); restoring it unverified",
                     step,
                     self.directory,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:200] if str(err) else "",
                 )
-                self._set_aside(step)
+            try:
+                restored = self._restore(step, target, data_iter)
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                if verified or changed:  # files fine, or the config changed: not corruption
+                    state = "is intact but" if verified else "(unverified)"
+                    raise CheckpointMismatchError(
+                        f"checkpoint at step {step} in {self.directory} {state} does not fit "
+                        f"the current train state ({type(err).__name__}: {_first_line(err)}); "
+                        f"config fields changed since it was saved: {list(changed) or 'none'}"
+                    ) from err
+                self._skip(step, err)
                 continue
-            return step, _from_savable(restored["state"], state_like)
+            if not _params_finite(restored):
+                self._skip(step, ValueError("its parameters are not all finite"))
+                continue
+            return step, _from_savable(restored, state_like)
         return None
+
+    def _restore(self, step: int, target, data_iter):
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        _check_finite_structure(restored["state"], target)
+        if data_iter is not None:
+            self.manager.restore(
+                step,
+                args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)),
+            )
+        return restored["state"]
+
+    def _skip(self, step: int, err: Exception) -> None:
+        log.warning(
+            "checkpoint at step %d in %s is unreadable (%s: %s); skipping it and "
+            "trying the previous one",
+            step,
+            self.directory,
+            type(err).__name__,
+            _first_line(err),
+        )
+        self._set_aside(step)
 
     def _set_aside(self, step: int) -> None:
         path = os.path.join(self.directory, str(step))
@@ -122,16 +227,27 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
+        """Blocks until pending async saves are on disk and writes their checksum manifests."""
         self.manager.wait_until_finished()
+        self._seal(self._unsealed)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else ""
+
+
+def _params_finite(state) -> bool:
+    """Every float leaf of the restored state's params is free of NaN and Inf."""
+    leaves = jax.tree.leaves(state["params"])
+    return all(bool(jnp.isfinite(x).all()) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def _check_finite_structure(restored, target) -> None:
     """Raises if a restored leaf does not match the target's shape (a truncated array)."""
     for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
-        if np.shape(r) != tuple(t.shape):
-            raise ValueError(f"restored shape {np.shape(r)} != expected {tuple(t.shape)}")
+        if jnp.shape(r) != tuple(t.shape):
+            raise ValueError(f"restored shape {jnp.shape(r)} != expected {tuple(t.shape)}")

@@ -9,11 +9,14 @@ invalid values raise ValueError naming the field as ``config.<section>.<key>``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
+import jax
+
 from moe_jax.core.config import MoEConfig
-from moe_jax.core.validate import field_error, is_int
-from moe_jax.data import DataConfig, make_tokenizer
+from moe_jax.core.validate import check_finite_floats, field_error, is_int
+from moe_jax.data import DataConfig, check_splits, make_tokenizer
 from moe_jax.model import ModelConfig
 from moe_jax.parallel import MeshConfig
 
@@ -49,6 +52,7 @@ class OptConfig:
     grad_accum: int = 1
 
     def __post_init__(self):
+        check_finite_floats("config", self, "opt.")
         c = lambda ok, f, allowed: (
             None if ok else _raise(_field_error(f"opt.{f}", getattr(self, f), allowed))
         )
@@ -156,9 +160,71 @@ def _fields(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+INT32_MAX = 2**31 - 1
+# The null router's settings: dropped by cli_overrides when the command line switches router.
+_NULL_ONLY = ("rho", "num_null_experts")
+
+
+def cli_overrides(cfg, given: Mapping[str, object]):
+    """Applies the command-line rule for switching router; returns `cfg` (changed in place).
+
+    `given` holds the command-line overrides as {"moe.router": "topk", ...}. When it sets
+    moe.router to a router other than "null", the config file's null-router settings
+    moe.rho / moe.num_null_experts are dropped (set to None) unless the command line gives
+    them too, so ``--config.moe.router=topk --config.moe.top_k=2`` works on a null-router file.
+    """
+    router = given.get("moe.router")
+    if router is None or router == "null" or "moe" not in cfg:
+        return cfg
+    for key in _NULL_ONLY:
+        if key in cfg["moe"] and f"moe.{key}" not in given:
+            cfg["moe"][key] = None
+    return cfg
+
+
+def _check_finite(cfg: Mapping) -> None:
+    """NaN / inf anywhere in the config: named before any section is built."""
+    for key, value in cfg.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for sub, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                path = key if sub is None else f"{key}.{sub}"
+                raise _field_error(path, v, "must be a finite number (not NaN or inf)")
+
+
+def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig) -> None:
+    """The mesh against this process's devices and the batch: before any model is built."""
+    n = jax.device_count()
+    if mesh.expert > n or n % mesh.expert:
+        raise _field_error(
+            "mesh.expert",
+            mesh.expert,
+            f"must divide the device count {n}; on CPU, get N devices with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N (set before jax starts)",
+        )
+    try:
+        d, e = mesh.shape(n)
+    except ValueError as err:
+        raise _field_error("mesh.data", mesh.data, str(err)) from None
+    micro = data.batch_size // opt.grad_accum
+    if micro % (d * e):
+        raise _field_error(
+            "data.batch_size",
+            data.batch_size,
+            f"each micro-batch (batch_size / opt.grad_accum = {micro}) must split evenly over "
+            f"the mesh data x expert = {d} x {e} = {d * e} devices",
+        )
+
+
 def from_config_dict(cfg) -> TrainConfig:
-    """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig."""
+    """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig.
+
+    Cheap field checks come first; then the mesh against the devices and, for the file kinds,
+    the data files (records, caption lengths, split sizes), so every config error is raised
+    before a model, checkpointer or data iterator exists.
+    """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    _check_finite(cfg)
     sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh")
     top = ("name", "seed", "num_steps", "fail_at_step")
     unknown = sorted(set(cfg) - set(sections) - set(top))
@@ -171,10 +237,12 @@ def from_config_dict(cfg) -> TrainConfig:
     fail_at_step = cfg.get("fail_at_step", -1)
     if not (_is_int(seed) and 0 <= seed < 2**32):
         raise _field_error("seed", seed, "an int in [0, 2**32)")
-    if not (_is_int(num_steps) and num_steps >= 1):
-        raise _field_error("num_steps", num_steps, "an int >= 1")
-    if not _is_int(fail_at_step):
-        raise _field_error("fail_at_step", fail_at_step, "an int (-1 = never)")
+    if not (_is_int(num_steps) and 1 <= num_steps <= INT32_MAX):
+        raise _field_error("num_steps", num_steps, f"an int in [1, {INT32_MAX}]")
+    if not (_is_int(fail_at_step) and -1 <= fail_at_step <= INT32_MAX):
+        raise _field_error(
+            "fail_at_step", fail_at_step, f"an int in [-1, {INT32_MAX}] (-1 = never)"
+        )
 
     d = _section(cfg, "data")
     _check_keys("data", d, _fields(DataConfig))
@@ -241,6 +309,8 @@ def from_config_dict(cfg) -> TrainConfig:
             raise _field_error(
                 "mesh.expert", mesh.expert, "needs an MoE model whose num_experts it divides"
             )
+        _check_mesh(mesh, data, opt)
+    check_splits(data)  # file kinds: reads the files; names file, line and field
     return TrainConfig(
         mesh=mesh,
         name=str(cfg.get("name", "run")),

@@ -5,8 +5,10 @@
 
 Order inside one iteration: draw batch t, dispatch train_step t, then read step t-1's metrics
 (the device is already busy with t). Before a checkpoint or an eval at step t the loop reads
-step t's metrics too, so every saved checkpoint has a finite loss: the "last good checkpoint"
-named by a NaN stop is always restorable.
+step t's metrics too, so every saved checkpoint passed the step's finite check (loss, gradient
+norm and updated parameters; a failing step's update is not even applied): the "last good
+checkpoint" named by a NaN stop restores finite. The workdir is locked for the run and its
+stored config checked before any restore (train.workdir); metrics.jsonl holds each step once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from moe_jax import model as model_lib
 from moe_jax import parallel
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.train import plots
+from moe_jax.train import workdir as workdir_lib
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.config import TrainConfig, from_config_dict
 from moe_jax.train.step import (
@@ -44,7 +47,8 @@ class Hook(Protocol):
     on_step(step, metrics): every step, when the loop reads its metrics (one step after it
     was dispatched; `metrics` are the train step's device arrays, the loss already checked).
     on_end(graphdef, state): once after the last step of a finished run (not on preemption),
-    with the single-device graphdef and the final train state.
+    with the single-device graphdef and the final train state (also when a finished run is
+    rerun: then with the state restored from its last checkpoint).
     """
 
     def on_step(self, step: int, metrics: dict) -> None: ...
@@ -52,17 +56,36 @@ class Hook(Protocol):
     def on_end(self, graphdef, state) -> None: ...
 
 
-def run(config, workdir: str, *, stop_at: int | None = None, hooks=()) -> dict:
+def run(
+    config,
+    workdir: str,
+    *,
+    stop_at: int | None = None,
+    hooks=(),
+    allow_config_change: bool = False,
+) -> dict:
     """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``.
 
     stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
     schedule still follows config.num_steps, so a later run resumes the same trajectory.
-    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}.
-    Raises NonFiniteLossError on a NaN/Inf loss and ValueError on an invalid config.
+    allow_config_change: resume even if the config differs from the one stored in the workdir
+    in fields outside workdir.SAFE_TO_CHANGE (also MOE_JAX_ALLOW_CONFIG_CHANGE=1).
+    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}; a rerun
+    of a finished run returns its stored results with "already_done": True and writes nothing.
+    Raises NonFiniteLossError on a NaN/Inf loss, gradient or parameter, ValueError on an
+    invalid config (workdir.ConfigMismatchError on a resume with another config) and
+    workdir.WorkdirBusyError when another run holds the workdir.
     """
     cfg = config if isinstance(config, TrainConfig) else from_config_dict(config)
     with _Preemption() as preempt:
-        return Loop(cfg, workdir, preempt, stop_at=stop_at, hooks=hooks).run()
+        return Loop(
+            cfg,
+            workdir,
+            preempt,
+            stop_at=stop_at,
+            hooks=hooks,
+            allow_config_change=allow_config_change,
+        ).run()
 
 
 def summary(cfg: TrainConfig) -> str:
@@ -81,10 +104,17 @@ class Loop:
     """One run of ``cfg`` in ``workdir``; ``preempt.requested`` turns true on SIGTERM."""
 
     def __init__(
-        self, cfg: TrainConfig, workdir: str, preempt, *, stop_at: int | None = None, hooks=()
+        self,
+        cfg: TrainConfig,
+        workdir: str,
+        preempt,
+        *,
+        stop_at: int | None = None,
+        hooks=(),
+        allow_config_change: bool = False,
     ):
         self.cfg, self.workdir, self.preempt = cfg, os.path.abspath(workdir), preempt
-        self.stop_at = stop_at
+        self.stop_at, self.allow_config_change = stop_at, allow_config_change
         self.hooks = tuple(hooks)
         self.tokens_per_step = cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len)
         self.last_saved: int | None = None
@@ -94,31 +124,63 @@ class Loop:
         self._recent = collections.deque(maxlen=11)
 
     def run(self) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
         os.makedirs(self.workdir, exist_ok=True)
+        with workdir_lib.WorkdirLock(self.workdir):  # one run per workdir (WorkdirBusyError)
+            return self._run()
+
+    def _run(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        # Before anything is restored (or compiled): a resume must use the stored config.
+        self.changed = workdir_lib.check_resume_config(
+            self.workdir,
+            cfg,
+            resuming=cfg.ckpt.resume and _has_steps(ckpt_dir),
+            allow_change=self.allow_config_change,
+        )
         self.plain_graphdef, state = init_state(cfg)
         graphdef, mesh = self.plain_graphdef, None
         if cfg.mesh is not None:  # expert parallel: MoE layers run in one shard_map each
             mesh = parallel.make_mesh(cfg.mesh)
             graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
         self.ckpt = Checkpointer(
-            os.path.join(self.workdir, "checkpoints"),
+            ckpt_dir,
             every_steps=cfg.ckpt.every_steps,
             keep=cfg.ckpt.keep,
             async_save=cfg.ckpt.async_save,
         )
+        try:
+            return self._train(graphdef, mesh, state, t0)
+        finally:
+            if hasattr(self, "progress"):
+                self.progress.close()
+            self.ckpt.close()
+            if hasattr(self, "writer"):
+                self.writer.close()
+
+    def _train(self, graphdef, mesh, state, t0: float) -> dict:
+        cfg = self.cfg
         train_iter = data_lib.make_dataset(cfg.data, "train")
         start = 0
         if cfg.ckpt.resume and self.ckpt.steps():
-            restored = self.ckpt.restore_latest(state, train_iter)
+            restored = self.ckpt.restore_latest(state, train_iter, changed=self.changed)
             if restored is None:  # every step unreadable: start over from a fresh iterator
                 train_iter = data_lib.make_dataset(cfg.data, "train")
             else:
                 start, state = restored
                 self.last_saved = start
+        workdir_lib.write_config(self.workdir, cfg)  # the config of the state now in memory
+        report = workdir_lib.read_report(self.workdir)
+        if start >= cfg.num_steps and report is not None:
+            return self._already_done(start, state, report, t0)
         print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg)}", flush=True)
         if start:
             print(f"resumed from the checkpoint at step {start}", flush=True)
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        metrics_lib.truncate_after(metrics_path, start)  # the steps after it are replayed
+        done_rows = metrics_lib.last_rows_by_step(metrics_lib.read_jsonl(metrics_path))
+        if done_rows and done_rows[-1]["step"] == start:
+            self.final_loss = done_rows[-1]["loss"]
         self.writer = metrics_lib.MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard)
         self.progress = metrics_lib.Progress(
             cfg.num_steps, start, enabled=cfg.log.progress, every=cfg.log.every_steps
@@ -127,67 +189,94 @@ class Loop:
         kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=StepSpec(cfg.opt.grad_accum))
         fail_at = np.int32(cfg.fail_at_step)
         status, step, pending = "done", start, None
-        try:
-            for step in range(start + 1, cfg.num_steps + 1):
-                batch = next(train_iter)
-                crc = batch_crc(batch)
-                if mesh is not None:
-                    batch = parallel.shard_batch(batch, mesh)
-                state, m = train_step(state, batch, fail_at, **kw)
-                if pending is not None:
-                    self._consume(*pending)
-                pending = (step, m, crc)
-                stop = self.preempt.requested or step == self.stop_at
-                save = self.ckpt.should_save(step) or step == cfg.num_steps or stop
-                ev = cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.num_steps
-                if save or ev:
-                    self._consume(*pending)
-                    pending = None
-                if save:
-                    self.ckpt.save(step, state, train_iter)
-                    self.last_saved = step
-                if ev:
-                    self.writer.write(step, evaluate(cfg, graphdef, state))
-                    self._recent.clear()  # eval time does not count against tokens/s
-                if stop:
-                    status = "preempted"
-                    self.progress.write(f"preempted: saved a checkpoint at step {step}; exiting")
-                    break
+        for step in range(start + 1, cfg.num_steps + 1):
+            batch = next(train_iter)
+            crc = batch_crc(batch)
+            if mesh is not None:
+                batch = parallel.shard_batch(batch, mesh)
+            state, m = train_step(state, batch, fail_at, **kw)
             if pending is not None:
                 self._consume(*pending)
-            self.ckpt.wait()
-            self.progress.close()  # the report below prints under a finished bar
-            result = {"status": status, "step": step, "final_loss": self.final_loss}
-            if status == "done":
-                result["eval"] = evaluate(cfg, graphdef, state)
-                self.writer.write(step, result["eval"])
-                self.writer.flush()
-                self._finish(graphdef, state, result)
-                for hook in self.hooks:
-                    if hasattr(hook, "on_end"):
-                        hook.on_end(self.plain_graphdef, state)
-        finally:
-            self.progress.close()
-            self.ckpt.close()
-            if hasattr(self, "writer"):
-                self.writer.close()
+            pending = (step, m, crc)
+            stop = self.preempt.requested or step == self.stop_at
+            save = self.ckpt.should_save(step) or step == cfg.num_steps or stop
+            ev = cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.num_steps
+            if save or ev:
+                self._consume(*pending)  # a saved state is always a checked (finite) one
+                pending = None
+            if save:
+                self.ckpt.save(step, state, train_iter)
+                self.last_saved = step
+            if ev:
+                self.writer.write(step, evaluate(cfg, graphdef, state))
+                self._recent.clear()  # eval time does not count against tokens/s
+            if stop:
+                status = "preempted"
+                self.progress.write(f"preempted: saved a checkpoint at step {step}; exiting")
+                break
+        if pending is not None:
+            self._consume(*pending)
+        self.ckpt.wait()
+        self.progress.close()  # the report below prints under a finished bar
+        result = {"status": status, "step": step, "final_loss": self.final_loss}
+        if status == "done":
+            result["eval"] = evaluate(cfg, graphdef, state)
+            self.writer.write(step, result["eval"])
+            self.writer.flush()
+            self._finish(graphdef, state, result)
+            for hook in self.hooks:
+                if hasattr(hook, "on_end"):
+                    hook.on_end(self.plain_graphdef, state)
         result["seconds"] = time.perf_counter() - t0
         print(f"{status} at step {step} in {result['seconds']:.0f} s", flush=True)
         return result
 
+    def _already_done(self, step: int, state, report: str, t0: float) -> dict:
+        """A rerun of a finished run: prints its stored report, writes nothing, and calls the
+        hooks' on_end with the restored final state."""
+        for hook in self.hooks:
+            if hasattr(hook, "on_end"):
+                hook.on_end(self.plain_graphdef, state)
+        rows = metrics_lib.read_jsonl(self._path("metrics.jsonl"))
+        train_rows, eval_rows = metrics_lib.last_rows_by_step(rows), metrics_lib.eval_rows(rows)
+        print(
+            f"moe_jax run '{self.cfg.name}' in {self.workdir} already finished at step {step} "
+            f"(num_steps {self.cfg.num_steps}); nothing to do. Its report:\n{report}",
+            flush=True,
+        )
+        return {
+            "status": "done",
+            "already_done": True,
+            "step": step,
+            "final_loss": train_rows[-1]["loss"] if train_rows else math.nan,
+            "eval": {k: v for k, v in eval_rows[-1].items() if k != "step"} if eval_rows else {},
+            "report": report,
+            "seconds": time.perf_counter() - t0,
+        }
+
     def _consume(self, step: int, m, crc: int) -> None:
-        """Reads step ``step``'s metrics (blocks until it is done), checks the loss, logs."""
+        """Reads step ``step``'s metrics (blocks until it is done), checks that the loss, the
+        gradient and the updated parameters are finite, logs."""
         cfg = self.cfg
         loss = float(m["loss"])
         now = time.perf_counter()
-        if not math.isfinite(loss):
+        if not bool(m["finite"]):
             where = (
                 f"step {self.last_saved} in {self.ckpt.directory}"
                 if self.last_saved is not None
                 else "none (no checkpoint was saved before this step)"
             )
+            grad_norm = float(m["grad_norm"])
+            what = (
+                f"training loss is {loss}"
+                if not math.isfinite(loss)
+                else f"gradient norm is {grad_norm}"
+                if not math.isfinite(grad_norm)
+                else f"an updated parameter is NaN/Inf (loss {loss}, gradient norm {grad_norm})"
+            )
             raise NonFiniteLossError(
-                f"training loss is {loss} at step {step}; stopping. Last good checkpoint: {where}"
+                f"{what} at step {step}; the update was not applied; stopping. "
+                f"Last good checkpoint: {where}"
             )
         self.final_loss = loss
         for hook in self.hooks:
@@ -210,13 +299,13 @@ class Loop:
     def _finish(self, graphdef, state, result: dict) -> None:
         """Plots and the closing report (printed and stored in result["report"])."""
         cfg, lines = self.cfg, []
-        rows = metrics_lib.last_rows_by_step(metrics_lib.read_jsonl(self.writer.path))
-        last = rows[-1] if rows else {}
+        all_rows = metrics_lib.read_jsonl(self.writer.path)
+        rows, eval_rows = metrics_lib.last_rows_by_step(all_rows), metrics_lib.eval_rows(all_rows)
         ev = result["eval"]
         lines.append(f"train loss {self.final_loss:.4f}, eval loss {ev['eval/loss']:.4f}")
-        if "null_ratio" in last:
+        if "eval/null_ratio" in ev:  # every number below is from the final eval
             per_mod = ", ".join(
-                f"{mod} {ev.get(f'eval/null_ratio/{mod}', math.nan):.2f}"
+                f"{mod} {ev[f'eval/null_ratio/{mod}']:.2f}"
                 for mod in metrics_lib.MODALITIES
                 if f"eval/null_ratio/{mod}" in ev
             )
@@ -229,20 +318,20 @@ class Loop:
                     for mod in metrics_lib.MODALITIES
                     if f"eval/real_per_token/{mod}" in ev
                 )
-                + f"; MoE FLOPs/token realized {last['flops_per_token/realized'] / 1e6:.2f}M "
-                f"vs expected {last['flops_per_token/expected'] / 1e6:.2f}M"
+                + f"; eval MoE FLOPs/token realized "
+                f"{ev['eval/flops_per_token/realized'] / 1e6:.2f}M "
+                f"vs expected {ev['eval/flops_per_token/expected'] / 1e6:.2f}M"
             )
         if cfg.log.plots:
-            written = [
-                plots.plot_losses(rows + [{"step": result["step"], **ev}], self._path("loss.png"))
-            ]
-            if "null_ratio" in last:
+            written = [plots.plot_losses(rows + eval_rows, self._path("loss.png"))]
+            if "null_ratio" in (rows[-1] if rows else {}):
                 rho = cfg.moe.density if cfg.moe.router == "null" else None
                 written.append(plots.plot_null_ratio(rows, self._path("null_ratio.png"), rho=rho))
             if cfg.moe is not None and cfg.model.mode == "vlm" and cfg.log.heatmap_images:
                 written.append(self._heatmap(graphdef, state, lines))
             lines.append("plots: " + ", ".join(os.path.basename(p) for p in written))
         result["report"] = "\n".join(lines)
+        workdir_lib.write_report(self.workdir, result["report"])
         print(result["report"], flush=True)
 
     def _heatmap(self, graphdef, state, lines: list[str]) -> str:
@@ -271,6 +360,11 @@ class Loop:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
+
+
+def _has_steps(ckpt_dir: str) -> bool:
+    """Whether ``ckpt_dir`` holds a step folder (a checkpoint to resume from)."""
+    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
 
 
 def batch_crc(batch) -> int:

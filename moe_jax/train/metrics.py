@@ -136,8 +136,10 @@ def _json_value(v):
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """All rows of a metrics file; a torn last line (killed writer) is ignored."""
+    """All rows of a metrics file ([] if there is none); a torn last line is ignored."""
     rows = []
+    if not os.path.exists(path):
+        return rows
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
@@ -148,12 +150,43 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def last_rows_by_step(rows: list[dict]) -> list[dict]:
-    """Train rows deduplicated by step (a resumed run rewrites steps after its checkpoint)."""
+    """Train rows deduplicated by step (files of older versions hold replayed steps twice)."""
     by_step = {}
     for r in rows:
         if "loss" in r:
             by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
+
+
+def eval_rows(rows: list[dict]) -> list[dict]:
+    """Eval rows (those with eval/loss), the last one per step, in step order."""
+    by_step = {r["step"]: r for r in rows if "eval/loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drops the rows of ``path`` with a step after ``step`` (and a torn last line), in place.
+
+    A run resumed from the checkpoint at ``step`` replays the steps after it; without this they
+    would be logged twice. The file is rewritten atomically (temp file + rename).
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class Progress:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the message names the step and last checkpoint."""
+    """The loss, the gradient or an updated parameter became NaN or Inf; the message names the
+    step and the last good checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,8 @@ def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec)
 
     fail_at: int32 scalar; the loss is poisoned with NaN when the step taken equals it (fault
     injection for tests; -1 = never). A traced argument, so it costs no recompilation.
+    m["finite"] is False when the loss, the gradient norm or an updated parameter is NaN/Inf;
+    that step's update is then dropped (the returned state holds the previous values).
     """
     step = state["step"] + 1  # the step being taken, 1-based
 
@@ -174,9 +177,25 @@ def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec)
         grads, m = jax.tree.map(lambda x: x / a, (grads, m))
     updates, opt_state = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    m = {**m, "grad_norm": optax.global_norm(grads), "lr": schedule(step - 1)}
+    grad_norm = optax.global_norm(grads)
+    # A step is good when its loss, its gradient and every updated parameter are finite. A bad
+    # step's update is not applied: the state keeps the previous step's params, non-parameter
+    # state and optimizer state, so the state in memory (and any checkpoint of it) stays finite
+    # while the loop stops on m["finite"] == False.
+    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, old)
+    params = keep(params, state["params"])
+    rest = keep(rest, state["rest"])
+    opt_state = keep(opt_state, state["opt"])
+    m = {**m, "grad_norm": grad_norm, "lr": schedule(step - 1), "finite": finite}
     new_state = {**state, "params": params, "rest": rest, "opt": opt_state, "step": step}
     return new_state, m
+
+
+def all_finite(tree) -> jax.Array:
+    """Scalar bool: every inexact leaf of ``tree`` is free of NaN and Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in leaves], True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
