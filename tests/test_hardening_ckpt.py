@@ -21,7 +21,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import default  # noqa: E402
+from test_training import smoke  # noqa: E402  (the smoke config with dotted overrides)
+
 from moe_jax import data as data_lib  # noqa: E402
 from moe_jax import train as training  # noqa: E402
 from moe_jax.train import checkpoint as ckpt_lib  # noqa: E402
@@ -30,19 +31,8 @@ from moe_jax.train import workdir as workdir_lib  # noqa: E402
 
 
 def small(**overrides):
-    c = default.get_config("smoke")
-    c.log.progress = False
-    c.log.tensorboard = False
-    c.num_steps = 9
-    c.ckpt.every_steps = 3
-    c.ckpt.async_save = True
-    for path, value in overrides.items():
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    base = {"log.tensorboard": False, "num_steps": 9, "ckpt.every_steps": 3}
+    return smoke(**{**base, "ckpt.async_save": True, **overrides})
 
 
 def raw_rows(wd):
