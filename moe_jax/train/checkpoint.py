@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from moe_jax.train.step import all_finite
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "sha256.json"
@@ -191,7 +193,7 @@ class Checkpointer:
                     ) from err
                 self._skip(step, err)
                 continue
-            if not _params_finite(restored):
+            if not bool(all_finite(restored["params"])):
                 self._skip(step, ValueError("its parameters are not all finite"))
                 continue
             return step, _from_savable(restored, state_like)
@@ -238,12 +240,6 @@ class Checkpointer:
 
 def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else ""
-
-
-def _params_finite(state) -> bool:
-    """Every float leaf of the restored state's params is free of NaN and Inf."""
-    leaves = jax.tree.leaves(state["params"])
-    return all(bool(jnp.isfinite(x).all()) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def _check_finite_structure(restored, target) -> None:

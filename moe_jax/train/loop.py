@@ -130,26 +130,25 @@ class Loop:
 
     def _run(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        # Before anything is restored (or compiled): a resume must use the stored config.
-        self.changed = workdir_lib.check_resume_config(
-            self.workdir,
-            cfg,
-            resuming=cfg.ckpt.resume and _has_steps(ckpt_dir),
-            allow_change=self.allow_config_change,
-        )
-        self.plain_graphdef, state = init_state(cfg)
-        graphdef, mesh = self.plain_graphdef, None
-        if cfg.mesh is not None:  # expert parallel: MoE layers run in one shard_map each
-            mesh = parallel.make_mesh(cfg.mesh)
-            graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
         self.ckpt = Checkpointer(
-            ckpt_dir,
+            os.path.join(self.workdir, "checkpoints"),
             every_steps=cfg.ckpt.every_steps,
             keep=cfg.ckpt.keep,
             async_save=cfg.ckpt.async_save,
         )
         try:
+            # Before anything is restored (or compiled): a resume must use the stored config.
+            self.changed = workdir_lib.check_resume_config(
+                self.workdir,
+                cfg,
+                resuming=cfg.ckpt.resume and bool(self.ckpt.steps()),
+                allow_change=self.allow_config_change,
+            )
+            self.plain_graphdef, state = init_state(cfg)
+            graphdef, mesh = self.plain_graphdef, None
+            if cfg.mesh is not None:  # expert parallel: MoE layers run in one shard_map each
+                mesh = parallel.make_mesh(cfg.mesh)
+                graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
             return self._train(graphdef, mesh, state, t0)
         finally:
             if hasattr(self, "progress"):
@@ -224,9 +223,7 @@ class Loop:
             self.writer.write(step, result["eval"])
             self.writer.flush()
             self._finish(graphdef, state, result)
-            for hook in self.hooks:
-                if hasattr(hook, "on_end"):
-                    hook.on_end(self.plain_graphdef, state)
+            self._call_hooks("on_end", self.plain_graphdef, state)
         result["seconds"] = time.perf_counter() - t0
         print(f"{status} at step {step} in {result['seconds']:.0f} s", flush=True)
         return result
@@ -234,9 +231,7 @@ class Loop:
     def _already_done(self, step: int, state, report: str, t0: float) -> dict:
         """A rerun of a finished run: prints its stored report, writes nothing, and calls the
         hooks' on_end with the restored final state."""
-        for hook in self.hooks:
-            if hasattr(hook, "on_end"):
-                hook.on_end(self.plain_graphdef, state)
+        self._call_hooks("on_end", self.plain_graphdef, state)
         rows = metrics_lib.read_jsonl(self._path("metrics.jsonl"))
         train_rows, eval_rows = metrics_lib.last_rows_by_step(rows), metrics_lib.eval_rows(rows)
         print(
@@ -279,9 +274,7 @@ class Loop:
                 f"Last good checkpoint: {where}"
             )
         self.final_loss = loss
-        for hook in self.hooks:
-            if hasattr(hook, "on_step"):
-                hook.on_step(step, m)
+        self._call_hooks("on_step", step, m)
         tps = math.nan
         if self._recent and step > self._recent[0][0]:
             first_step, first_time = self._recent[0]
@@ -358,13 +351,14 @@ class Loop:
             vmax=float(cfg.moe.top_k) if cfg.moe.router in ("null", "topk") else None,
         )
 
+    def _call_hooks(self, method: str, *args) -> None:
+        """Calls ``method`` on every hook that defines it (both Hook methods are optional)."""
+        for hook in self.hooks:
+            if hasattr(hook, method):
+                getattr(hook, method)(*args)
+
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
-
-
-def _has_steps(ckpt_dir: str) -> bool:
-    """Whether ``ckpt_dir`` holds a step folder (a checkpoint to resume from)."""
-    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
 
 
 def batch_crc(batch) -> int:
