@@ -38,15 +38,18 @@ def is_pos_int(v) -> bool:
     return is_int(v) and v >= 1
 
 
-def is_finite(v) -> bool:
-    """A real number (int or float, not bool) that is neither NaN nor infinite."""
-    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+NOT_FINITE = "must be a finite number (not NaN or inf)"
+
+
+def is_nonfinite_float(v) -> bool:
+    """A float that is NaN or infinite: such a value passes every `<` / `>` range check."""
+    return isinstance(v, float | np.floating) and not math.isfinite(v)
 
 
 def check_finite_floats(owner: str, obj, prefix: str = "") -> None:
-    """Raise field_error(owner, prefix + name) for the first float field of the dataclass
-    `obj` that is NaN or infinite: such a value passes every `<` / `>` range check silently."""
+    """Raise field_error(owner, prefix + name) for the first NaN / infinite float field of the
+    dataclass `obj`."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        if isinstance(v, float | np.floating) and not math.isfinite(v):
-            raise field_error(owner, prefix + f.name, v, "must be a finite number (not NaN or inf)")
+        if is_nonfinite_float(v):
+            raise field_error(owner, prefix + f.name, v, NOT_FINITE)

@@ -9,13 +9,18 @@ invalid values raise ValueError naming the field as ``config.<section>.<key>``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import jax
 
 from moe_jax.core.config import MoEConfig
-from moe_jax.core.validate import check_finite_floats, field_error, is_int
+from moe_jax.core.validate import (
+    NOT_FINITE,
+    check_finite_floats,
+    field_error,
+    is_int,
+    is_nonfinite_float,
+)
 from moe_jax.data import DataConfig, check_splits, make_tokenizer
 from moe_jax.model import ModelConfig
 from moe_jax.parallel import MeshConfig
@@ -187,9 +192,8 @@ def _check_finite(cfg: Mapping) -> None:
     for key, value in cfg.items():
         items = value.items() if isinstance(value, Mapping) else [(None, value)]
         for sub, v in items:
-            if isinstance(v, float) and not math.isfinite(v):
-                path = key if sub is None else f"{key}.{sub}"
-                raise _field_error(path, v, "must be a finite number (not NaN or inf)")
+            if is_nonfinite_float(v):
+                raise _field_error(key if sub is None else f"{key}.{sub}", v, NOT_FINITE)
 
 
 def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig) -> None:
