@@ -91,9 +91,12 @@ def test_layer_fwd_bwd_compiles_with_the_native_kernel(target, router):
     assert KERNEL[target[:3]] in hlo
 
 
-def test_explicit_pallas_equals_auto_on_targets():
-    for target in ("gpu:h100x1", "tpu:v5e:1x1"):
-        assert experts.resolve_backend("pallas", _devices(target)[0]) == "pallas"
+@pytest.mark.parametrize("target", ["gpu:h100x1", "tpu:v5e:1x1"])
+def test_explicit_pallas_compiles_the_native_kernel(target):
+    """backend="pallas" (not only "auto") lowers the target's kernel, never the interpret loop,
+    although this host's default backend is the CPU."""
+    hlo, _ = _compile_layer(target, "null", backend="pallas")
+    assert KERNEL[target[:3]] in hlo
 
 
 @pytest.mark.parametrize("target, mesh", [("gpu:h100x8", (1, 8)), ("tpu:v5e:4x4", (2, 8))])
