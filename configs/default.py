@@ -110,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.z_coef = 1e-3  # router z-loss coefficient
     e.bias_update_rate = 0.0  # u of aux-loss-free per-expert selection bias (0 = off)
     e.null_bias_update_rate = 0.0  # u of the null-ratio controller on the null logit (0 = off)
+    e.null_controller = "pi"  # pi (u = integral gain) | sign (b -= u * sign(error))
+    e.null_kp = 0.0  # proportional gain of the pi null-ratio controller
+    e.null_calibrate = True  # first training batch sets the null bias: E[real] = K*rho at step 1
     e.backend = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
     e.router_dtype = "float32"  # router logits/softmax dtype
 

@@ -40,6 +40,10 @@ class Preset:
 PRESETS = {
     "default": Preset("default", 64, 3, 4, 2, 64, 24, 4, 24, 3, 16, 300, 30, 3e-3, 3, 8),
     "quick": Preset("quick", 32, 2, 2, 1, 32, 16, 4, 16, 1, 8, 80, 10, 1e-2, 3, 4),
+    # Study v2: the default model of configs/default.py (D=128, 4 blocks, 64 patches + 24 text
+    # tokens) for 1500 steps (2.1M tokens per run).
+    "v2": Preset("v2", 128, 4, 4, 2, 128, 32, 4, 24, 3, 16, 1500, 50, 3e-3, 2, 8),
+    "v2_quick": Preset("v2_quick", 32, 2, 2, 1, 32, 16, 4, 16, 1, 8, 60, 10, 1e-2, 2, 2),
 }
 
 
@@ -54,34 +58,60 @@ class Arm:
     moe: tuple = ()  # (field, value) overrides of config.moe
 
 
-CONTROLLER_RATE = 1e-2  # u of the null-ratio controller in the controller arms
+CONTROLLER_RATE = 1e-2  # u of the sign null-ratio controller in the study-v1 controller arms
+PI_RATE = 0.5  # integral gain of the pi controller in the v2 arm (a 300-step sweep's best)
+# The paper's recipe: no first-batch calibration, L_bal alone moves the null logit.
+PAPER = (("null_calibrate", False),)
+SIGN = (("null_controller", "sign"), ("null_calibrate", False))
 
 ARMS = (
     Arm("k2_rho1", "K^2_1.0 (no nulls)", "iso", "k2_rho1"),
-    Arm("k4_rho05", "K^4_0.5", "iso", "k4_rho05"),
-    Arm("k8_rho025", "K^8_0.25", "iso", "k8_rho025"),
+    Arm("k4_rho05", "K^4_0.5", "iso", "k4_rho05", PAPER),
+    Arm("k8_rho025", "K^8_0.25", "iso", "k8_rho025", PAPER),
     Arm("xmoe", "XMoE t=0.9 (32 experts of F/4)", "iso", "xmoe"),
     Arm("dense", "dense FFN (d_ff=2F)", "iso", "dense"),
     Arm("k4_rho1", "K^4_1.0", "frontier", "k4_rho05", (("rho", 1.0),)),
-    Arm("k4_rho067", "K^4_0.67", "frontier", "k4_rho05", (("rho", 2.0 / 3.0),)),
+    Arm("k4_rho067", "K^4_0.67", "frontier", "k4_rho05", (("rho", 2.0 / 3.0), *PAPER)),
     Arm(
         "k4_rho05_ctrl",
         "K^4_0.5 + controller",
         "controller",
         "k4_rho05",
-        (("null_bias_update_rate", CONTROLLER_RATE),),
+        (("null_bias_update_rate", CONTROLLER_RATE), *SIGN),
     ),
     Arm(
         "k8_rho025_ctrl",
         "K^8_0.25 + controller",
         "controller",
         "k8_rho025",
-        (("null_bias_update_rate", CONTROLLER_RATE),),
+        (("null_bias_update_rate", CONTROLLER_RATE), *SIGN),
     ),
 )
-ARMS_BY_NAME = {a.name: a for a in ARMS}
+# Study v2 adds the first-batch calibration and the pi controller (library defaults on).
+V2_ARMS = (
+    Arm(
+        "k4_rho05_v2",
+        "K^4_0.5 + calibration + PI",
+        "v2",
+        "k4_rho05",
+        (("null_bias_update_rate", PI_RATE),),
+    ),
+    Arm(
+        "k8_rho025_v2",
+        "K^8_0.25 + calibration + PI",
+        "v2",
+        "k8_rho025",
+        (("null_bias_update_rate", PI_RATE),),
+    ),
+)
+ARMS_BY_NAME = {a.name: a for a in ARMS + V2_ARMS}
 # Plain-L_bal twin of each controller arm.
-CONTROLLER_BASELINE = {"k4_rho05_ctrl": "k4_rho05", "k8_rho025_ctrl": "k8_rho025"}
+CONTROLLER_BASELINE = {
+    "k4_rho05_ctrl": "k4_rho05",
+    "k8_rho025_ctrl": "k8_rho025",
+    "k4_rho05_v2": "k4_rho05",
+    "k8_rho025_v2": "k8_rho025",
+}
 
 
 def _load_default_config():

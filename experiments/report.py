@@ -106,11 +106,12 @@ def routing_table(summ: dict) -> list[str]:
 
 
 def controller_table(summ: dict) -> list[str]:
-    rows = []
+    rows, seen = [], set()
     for ctrl, base in CONTROLLER_BASELINE.items():
         for name in (base, ctrl):
-            if name not in summ or "track_mae" not in summ[name]:
+            if name not in summ or "track_mae" not in summ[name] or name in seen:
                 continue
+            seen.add(name)
             s = summ[name]
             rows.append(
                 [

@@ -49,7 +49,7 @@ def _preset(a: argparse.Namespace) -> arms.Preset:
 
 def run_study(a: argparse.Namespace) -> dict:
     preset = _preset(a)
-    selected = [s for s in a.arms.split(",") if s] or list(arms.ARMS_BY_NAME)
+    selected = [s for s in a.arms.split(",") if s] or [arm.name for arm in arms.ARMS]
     unknown = sorted(set(selected) - set(arms.ARMS_BY_NAME))
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; known {list(arms.ARMS_BY_NAME)}")

@@ -8,9 +8,10 @@ from moe_jax.core import dispatch, flops, losses, routing, stats
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.routing import Routing
 from moe_jax.experts import register_backend
-from moe_jax.moe import FFN, MoE
+from moe_jax.moe import FFN, MoE, calibrate_null
 
 __all__ = [
+    "calibrate_null",
     "FFN",
     "MoE",
     "MoEConfig",

@@ -98,6 +98,13 @@ class MoE(nnx.Module):
             if cfg.uses_selection_bias
             else None
         )
+        # The pi controller's memory: the previous step's error null_ratio - (1 - rho).
+        self.null_state = (
+            RouterBias(jnp.zeros((1,), jnp.float32))
+            if cfg.router == "null" and cfg.null_bias_update_rate > 0
+            else None
+        )
+        self.calibrating = False  # set by calibrate_null() for one forward pass
         self.shared = (
             FFN(
                 d,
@@ -131,6 +138,15 @@ class MoE(nnx.Module):
         with jax.named_scope("router_logits"):
             logits = self.router(xt.astype(jnp.dtype(cfg.router_dtype)))  # [T, N(+1)]
         bias = None if self.selection_bias is None else self.selection_bias[...]  # [N(+1)]
+        if self.calibrating:  # calibrate_null(): set the null bias from this batch
+            bias = routing.calibrate_null_bias(
+                logits,
+                top_k=cfg.top_k,
+                num_nulls=cfg.num_nulls,
+                target_null_ratio=1.0 - cfg.density,
+                selection_bias=bias,
+            )
+            self.selection_bias[...] = bias
         params = self.expert_params()
         if self.parallel is None:
             y, lb, z, st, ids = local_forward(xt, logits, mod, bias, params, cfg, train=train)
@@ -147,15 +163,32 @@ class MoE(nnx.Module):
         aux = stats.layer_aux(cfg, lb, z, st)
         if self.selection_bias is not None and train:
             aux["null_bias"] = bias[-1] if cfg.router == "null" else jnp.zeros(())
-            self.selection_bias[...] = routing.update_selection_bias(
-                bias,
-                expert_load=aux["expert_load"],
-                null_ratio=aux["null_ratio"],
-                target_null_ratio=1.0 - cfg.density,
-                expert_rate=cfg.bias_update_rate,
-                null_rate=cfg.null_bias_update_rate,
-            )  # functional loops carry this RouterBias state out of the step (not a Param)
+            if (cfg.bias_update_rate > 0 or cfg.null_bias_update_rate > 0) and not self.calibrating:
+                self._step_controllers(bias, logits, aux)
         return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux
+
+    def _step_controllers(self, bias: jax.Array, logits: jax.Array, aux: dict) -> None:
+        """One step of the selection-bias controllers; functional loops carry this RouterBias
+        state out of the step (it is not a Param)."""
+        cfg = self.config
+        null = cfg.router == "null"
+        target = 1.0 - cfg.density
+        prev = self.null_state[...][0] if null else None
+        scale = jax.lax.stop_gradient(jnp.std(logits[:, : cfg.num_experts].astype(jnp.float32)))
+        self.selection_bias[...] = routing.update_selection_bias(
+            bias,
+            expert_load=aux["expert_load"],
+            null_ratio=aux["null_ratio"],
+            target_null_ratio=target,
+            expert_rate=cfg.bias_update_rate,
+            null_rate=cfg.null_bias_update_rate,
+            null_kp=cfg.null_kp,
+            null_controller=cfg.null_controller,
+            prev_null_error=prev,
+            logit_scale=scale,
+        )
+        if null:
+            self.null_state[...] = self.null_state[...].at[0].set(aux["null_ratio"] - target)
 
     def expert_params(self) -> ExpertParams:
         """Expert weights in the compute dtype (biases as stored)."""
@@ -224,6 +257,30 @@ def local_forward(
         )  # [T, D]
     st = stats.routing_stats(cfg, r, modality, axis)
     return y, r.lb_loss, r.z_loss, st, r.expert_ids
+
+
+def null_calibrated_layers(model: nnx.Module) -> list[MoE]:
+    """The MoE layers inside `model` that calibrate_null() sets (null router, M > 0,
+    null_calibrate on)."""
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, MoE) and m.config.calibrates_null]
+
+
+def calibrate_null(model: nnx.Module, *args, **kwargs):
+    """Runs ``model(*args, **kwargs)`` once with every null-router MoE layer in calibration
+    mode and returns its output: each layer, in forward order, sets the null logit's selection
+    bias so that this batch's null ratio is 1 - rho (routing.calibrate_null_bias), so training
+    starts at K*rho real experts per token instead of waiting for L_bal to lift the null logit.
+    Call it on the first training batch before the first step (train.py does); no controller
+    steps and nothing else changes. Under jax.jit, merge the model inside the jitted function.
+    """
+    layers = null_calibrated_layers(model)
+    for m in layers:
+        m.calibrating = True
+    try:
+        return model(*args, **kwargs)
+    finally:
+        for m in layers:
+            m.calibrating = False
 
 
 def set_parallel(model: nnx.Module, ep: ExpertParallel | None) -> nnx.Module:

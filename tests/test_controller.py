@@ -58,6 +58,7 @@ def _controlled_null_ratio(null_rate, steps=60):
         rho=0.5,
         router_init_std=0.25,
         null_bias_update_rate=max(null_rate, 1e-9),
+        null_controller="sign",
         backend="dense",
     )
     layer = MoE(cfg, rngs=nnx.Rngs(0))

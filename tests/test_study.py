@@ -56,3 +56,47 @@ def test_quick_study_writes_report_and_controller_beats_lbal(tmp_path):
     assert ctrl["track_mae"][0] < lbal["track_mae"][0]
     assert ctrl["track_mae_window"][0] < lbal["track_mae_window"][0]
     assert ctrl["track_mae_window"][0] < 0.05
+
+
+@pytest.mark.slow
+def test_quick_study_v2_reports_paired_se_resumes_and_starts_calibrated(tmp_path):
+    """study_v2 --quick: the write-up has the seed-paired differences with their SE; a rerun
+    with --reuse trains nothing and renders the same report; the calibrated arm starts at
+    1 - rho (step 1) where the paper's recipe does not."""
+    name = "v2_test"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.study_v2",
+        "--quick",
+        "--arms=k4_rho05,k4_rho05_v2",
+        "--seeds=2",
+        "--steps=12",
+        f"--out={tmp_path}",
+        f"--workdir={tmp_path / 'runs'}",
+        f"--name={name}",
+    ]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / f"{name}.md").read_text()
+    assert "## Power: seed-paired held-out loss differences" in md
+    assert "| K^4_0.5 + calibration + PI - K^4_0.5 | 2 |" in md
+    runs = tmp_path / "runs" / name
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "k4_rho05_s0",
+        "k4_rho05_s1",
+        "k4_rho05_v2_s0",
+        "k4_rho05_v2_s1",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*/result.json")}
+    proc = subprocess.run(
+        [*cmd, "--reuse"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out loss" not in proc.stdout  # no run was trained again
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/result.json")} == before
+    assert (tmp_path / f"{name}.md").read_text() == md
+    summ = json.loads((tmp_path / name / "summary.json").read_text())["arms"]
+    assert summ["k4_rho05_v2"]["track_init_error"][0] < 0.02
+    assert summ["k4_rho05"]["track_init_error"][0] > 0.1

@@ -304,6 +304,8 @@ def test_gradient_accumulation_wsd_and_router_bias_state(tmp_path):
             "opt.warmup_steps": 1,
             "log.plots": False,
             "moe.null_bias_update_rate": 0.05,
+            "moe.null_controller": "sign",
+            "moe.null_calibrate": False,
         },
     )
     result = training.run(cfg, str(tmp_path))

@@ -14,6 +14,7 @@ from moe_jax.core.validate import check_finite_floats, field_error, is_pos_int
 ROUTERS = ("null", "topk", "switch", "threshold", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
 LB_SCOPES = ("local", "global")
+NULL_CONTROLLERS = ("pi", "sign")
 DTYPES = ("float32", "bfloat16", "float16")
 # Grouped-matmul backend names MoEConfig.backend accepts: the built-in ones (moe_jax.experts)
 # and every name moe_jax.experts.register_backend has added. Whether a backend can run here
@@ -101,6 +102,9 @@ class MoEConfig:
     router_init_std: float = 0.02  # std of the router kernel init
     bias_update_rate: float = 0.0  # u of aux-loss-free per-expert balancing bias (0 = off)
     null_bias_update_rate: float = 0.0  # u of the null-ratio controller on the null logit (0 = off)
+    null_controller: str = "pi"  # pi | sign: the null-ratio controller's update rule
+    null_kp: float = 0.0  # proportional gain of the pi controller (null_bias_update_rate: integral)
+    null_calibrate: bool = True  # calibrate_null (train.py: 1st batch) sets E[real] = K*rho
 
     def __post_init__(self):
         check_finite_floats("MoEConfig", self)  # NaN/inf first: they slip past range checks
@@ -145,6 +149,16 @@ class MoEConfig:
             raise _err(
                 "null_bias_update_rate", "applies to router='null' only", self.null_bias_update_rate
             )
+        if self.null_controller not in NULL_CONTROLLERS:
+            raise _err(
+                "null_controller", f"must be one of {NULL_CONTROLLERS}", self.null_controller
+            )
+        if self.null_kp < 0:
+            raise _err("null_kp", "must be >= 0 (0 = integral only)", self.null_kp)
+        if self.null_kp > 0 and self.null_controller != "pi":
+            raise _err("null_kp", "applies to null_controller='pi' only", self.null_kp)
+        if not isinstance(self.null_calibrate, bool):
+            raise _err("null_calibrate", "must be True or False", self.null_calibrate)
         if self.router_init_std <= 0:
             raise _err("router_init_std", "must be > 0", self.router_init_std)
         if self.backend not in _BACKEND_NAMES:
@@ -216,7 +230,12 @@ class MoEConfig:
 
     @property
     def uses_selection_bias(self) -> bool:
-        return self.bias_update_rate > 0 or self.null_bias_update_rate > 0
+        return self.bias_update_rate > 0 or self.null_bias_update_rate > 0 or self.calibrates_null
+
+    @property
+    def calibrates_null(self) -> bool:
+        """The first training call sets the null selection bias (null router with M > 0)."""
+        return self.router == "null" and self.null_calibrate and self.num_nulls > 0
 
     @property
     def effective_lb_coef(self) -> float:

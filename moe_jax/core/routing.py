@@ -39,15 +39,24 @@ def update_selection_bias(
     target_null_ratio: float,
     expert_rate: float,
     null_rate: float,
+    null_kp: float = 0.0,
+    null_controller: str = "sign",
+    prev_null_error: jax.Array | None = None,
+    logit_scale: jax.Array | float = 1.0,
 ) -> jax.Array:
     """One step of the aux-loss-free bias updates (no gradient), applied after a training step.
 
     bias: [N] or [N+1] (last entry = null logit bias for the null router).
     - per-expert balancing: b_i += expert_rate * sign(mean load - load_i), so an under-loaded
       expert becomes easier to select;
-    - null-ratio controller: b_null -= null_rate * sign(null_ratio - target), so too many null
-      picks make the null logit harder to select. It holds the realized null ratio at 1 - rho
-      and decouples "how many experts" from "which experts".
+    - null-ratio controller on e = null_ratio - target (too many null picks: e > 0, so the
+      null logit becomes harder to select). It holds the realized null ratio at 1 - rho and
+      decouples "how many experts" from "which experts":
+        sign: b_null -= null_rate * sign(e)
+        pi:   b_null -= logit_scale * (null_rate * e + null_kp * (e - e_prev)), the velocity
+              form of a PI controller (integral gain null_rate, proportional gain null_kp) in
+              units of logit_scale, the spread of the real router logits, so one setting of
+              the gains works whatever the logits' scale.
     """
     n = expert_load.shape[0]
     out = bias
@@ -55,8 +64,63 @@ def update_selection_bias(
         step = expert_rate * jnp.sign(jnp.mean(expert_load) - expert_load)  # [N]
         out = out.at[:n].add(step.astype(out.dtype))
     if null_rate > 0 and null_ratio is not None and bias.shape[0] == n + 1:
-        out = out.at[n].add(-null_rate * jnp.sign(null_ratio - target_null_ratio).astype(out.dtype))
+        err = null_ratio - target_null_ratio
+        if null_controller == "pi":
+            prev = err if prev_null_error is None else prev_null_error
+            delta = logit_scale * (null_rate * err + null_kp * (err - prev))
+        else:
+            delta = null_rate * jnp.sign(err)
+        out = out.at[n].add(-delta.astype(out.dtype))
     return jax.lax.stop_gradient(out)
+
+
+def calibrate_null_bias(
+    logits: jax.Array,
+    *,
+    top_k: int,
+    num_nulls: int,
+    target_null_ratio: float,
+    selection_bias: jax.Array | None = None,
+    iters: int = 40,
+) -> jax.Array:
+    """The null-logit selection bias b that makes this batch's null ratio 1 - rho.
+
+    logits [T, N+1] (column N = null logit); selection_bias [N+1] is the current bias (its
+    null entry is replaced). The null ratio mean_t (K - r_t(b)) / K, with r_t(b) the real
+    slots of token t when the null logit is shifted by b, is a non-decreasing step function
+    of b, so bisection between a b where every slot that can be real is real and one where
+    none is finds the crossing. Returns the bias [N+1] with the null entry set to b.
+    """
+    n = logits.shape[1] - 1
+    sel = logits if selection_bias is None else logits + selection_bias
+    sel = jax.lax.stop_gradient(sel)
+    real, null = sel[:, :n], sel[:, n]  # [T, N], [T]
+
+    def ratio(b):
+        r = _real_slots(real, null + b, top_k, num_nulls)  # [T]
+        return jnp.mean((top_k - r).astype(jnp.float32)) / top_k
+
+    lo = jnp.min(real) - jnp.max(null) - 1.0  # every real logit above the null one
+    hi = jnp.max(real) - jnp.min(null) + 1.0  # none above
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        below = ratio(mid) < target_null_ratio
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    base = jnp.zeros((n + 1,), logits.dtype) if selection_bias is None else selection_bias
+    return jax.lax.stop_gradient(base.at[n].set(0.5 * (lo + hi)))
+
+
+def _real_slots(sel_real: jax.Array, null_sel: jax.Array, top_k: int, num_nulls: int):
+    """r_t = min(K, N, #{real selection logits > null selection logit}), at least K - M (only
+    M null copies exist). sel_real [T, N], null_sel [T] -> [T] int."""
+    n = sel_real.shape[1]
+    n_above = jnp.sum(sel_real > null_sel[:, None], axis=1)  # [T]
+    r = jnp.minimum(min(top_k, n), n_above)
+    return jnp.maximum(r, top_k - num_nulls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +163,8 @@ def null_router(
     p_null = jnp.exp(null_ex - lse)  # [T], mass of all M copies together
 
     sel_real = sel[:, :n]  # [T, N]
-    n_above = jnp.sum(sel_real > null[:, None], axis=1)  # [T]
+    r = _real_slots(sel_real, null, top_k, num_nulls)  # [T]
     k_real = min(top_k, n)  # K may exceed N: at most N slots can be real
-    r = jnp.minimum(k_real, n_above)
-    r = jnp.maximum(r, top_k - num_nulls)  # only M null copies exist
     _, top_idx = jax.lax.top_k(sel_real, k_real)  # [T, min(K, N)]
     if k_real < top_k:  # the remaining slots can only be null
         top_idx = jnp.pad(top_idx, ((0, 0), (0, top_k - k_real)))

@@ -33,7 +33,8 @@ def layer_aux(cfg: MoEConfig, lb_loss: jax.Array, z_loss: jax.Array, stats: dict
 def routing_stats(cfg: MoEConfig, r: Routing, modality: jax.Array | None, axis_name=None) -> dict:
     """Statistics of one routing decision; with axis_name the counts are summed over the mesh.
 
-    null_ratio = null picks / (T*K); real_per_token; zero_compute_fraction (tokens with no real
+    null_ratio = null picks / (T*K) (null router: also null_error = null_ratio - (1 - rho));
+    real_per_token; zero_compute_fraction (tokens with no real
     expert); expert_load [N] (shares); drop_fraction; num_real; with modality ids [T] also
     per-modality null ratio, real experts per token and share of the real rows.
     """
@@ -63,6 +64,8 @@ def routing_stats(cfg: MoEConfig, r: Routing, modality: jax.Array | None, axis_n
         "drop_fraction": sums["dropped"] / jnp.maximum(sums["real"] + sums["dropped"], 1.0),
         "num_real": sums["real"],
     }
+    if cfg.router == "null":  # per-batch tracking error of the realized null ratio
+        stats["null_error"] = stats["null_ratio"] - (1.0 - cfg.density)
     if modality is not None:
         nm = cfg.num_modalities
         mod = modality.reshape(-1).astype(jnp.int32)  # [T]

@@ -34,6 +34,7 @@ from moe_jax.train.config import TrainConfig, from_config_dict
 from moe_jax.train.step import (
     NonFiniteLossError,
     StepSpec,
+    calibrate_null_state,
     evaluate,
     init_state,
     make_optimizer,
@@ -193,6 +194,8 @@ class Loop:
             crc = batch_crc(batch)
             if mesh is not None:
                 batch = parallel.shard_batch(batch, mesh)
+            if step == 1:  # fresh run: K*rho real experts per token from the first step
+                state = calibrate_null_state(graphdef, state, batch)
             state, m = train_step(state, batch, fail_at, **kw)
             if pending is not None:
                 self._consume(*pending)

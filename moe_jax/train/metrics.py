@@ -7,6 +7,7 @@ Metric names (JSONL keys; TensorBoard tags are the same with lists expanded per 
   null_ratio/<modality>, real_per_token/<modality>, compute_share/<modality>
       per modality (vision, text), means over layers; per layer as ".../layer<i>"
   null_bias                 the null-ratio controller's selection bias (when enabled)
+  null_error                null router: this batch's null_ratio - (1 - rho), per layer too
   expert_load/layer<i>      [N] share of real assignments per expert
   flops_per_token/expected  MoE-layer forward FLOPs per token at the router's E[K], summed over
                             MoE layers; flops_per_token/realized uses the measured experts/token
@@ -34,6 +35,7 @@ _LAYER_SCALARS = (
     "zero_compute_fraction",
     "drop_fraction",
     "null_bias",  # selection bias on the null logit (null-ratio controller), when enabled
+    "null_error",  # null router: this batch's null_ratio - (1 - rho)
 )
 _MODALITY_STATS = {
     "null_ratio_by_modality": "null_ratio",

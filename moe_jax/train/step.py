@@ -22,7 +22,7 @@ from flax import nnx
 from moe_jax import data as data_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel
-from moe_jax.moe import set_parallel
+from moe_jax.moe import calibrate_null, null_calibrated_layers, set_parallel
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.train.config import OptConfig, TrainConfig
 
@@ -93,6 +93,25 @@ def init_state(cfg: TrainConfig, ep=None):
         "rng": jax.random.key(cfg.seed),
     }
     return graphdef, state
+
+
+def calibrate_null_state(graphdef, state: dict, batch: dict) -> dict:
+    """The state with every null-router layer's null selection bias calibrated on ``batch``
+    (moe.calibrate_null: K*rho real experts per token from the first step); unchanged when no
+    layer calibrates. The loop calls it on the first training batch of a fresh run."""
+    if not null_calibrated_layers(nnx.merge(graphdef, state["params"], state["rest"])):
+        return state
+    shardings = jax.tree.map(lambda a: a.sharding, state["rest"])
+    rest = jax.jit(functools.partial(_calibrated_rest, graphdef), out_shardings=shardings)(
+        state["params"], state["rest"], batch
+    )
+    return {**state, "rest": rest}
+
+
+def _calibrated_rest(graphdef, params, rest, batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
+    calibrate_null(model, batch["tokens"], batch.get("image"), deterministic=False)
+    return nnx.state(model, nnx.Not(nnx.Param))
 
 
 def abstract_state(cfg: TrainConfig, ep):
