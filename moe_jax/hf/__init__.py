@@ -1,0 +1,19 @@
+"""Hugging Face checkpoints in and out: read Llama / Qwen2 / Mistral checkpoints into the
+moe_jax Transformer (load), write trained top-k MoE models as Mixtral checkpoints and any
+moe_jax model in its own safetensors format (export). Reads with numpy alone (no torch).
+Imports model and data only."""
+
+from moe_jax.hf import config, load, safetensors
+from moe_jax.hf.config import UnsupportedCheckpointError, model_config, read_config
+from moe_jax.hf.load import load_model, weight_map
+
+__all__ = [
+    "UnsupportedCheckpointError",
+    "config",
+    "load",
+    "load_model",
+    "model_config",
+    "read_config",
+    "safetensors",
+    "weight_map",
+]
