@@ -119,6 +119,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     x.buffer_factor = 2.0  # EP send buffer over expected real rows; 0 = dropless (worst case)
     x.exchange = "auto"  # EP row exchange: auto | ragged (TPU/GPU) | padded (any platform)
 
+    c.init = i = ml_collections.ConfigDict()
+    i.hf = ""  # Hugging Face checkpoint folder to upcycle (lm mode; README); "" = random init
+    i.granularity = 1  # g: each dense FFN becomes experts of hidden F/g (sets moe.d_ff)
+    i.reinit_fraction = 0.3  # share of each expert's hidden units re-initialized
+    i.output_scale = 1.0  # multiplies the experts' w_out (g: uniform gates give the dense FFN)
+
     c.data = d = ml_collections.ConfigDict()
     d.kind = "shapes"  # shapes | shapes_text | manifest | text
     d.image_size = 32  # pixels per image side

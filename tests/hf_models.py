@@ -99,3 +99,32 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def tokens(seed: int = 0, shape=(2, 12)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, V, shape).astype(np.int32)
+
+
+CORPUS = [
+    "the red square sits left of the blue circle",
+    "a small green triangle is above the large yellow square",
+    "null experts give data sparsity in expectation",
+    "every token is routed on its own representation only",
+    "the blue circle is below the red triangle and the green square",
+]
+
+
+def save_tokenizer(directory: str, vocab_size: int = 100) -> str:
+    """A Llama-style (Metaspace + BPE) tokenizer.json trained on CORPUS, with bos <s> and
+    eos </s> named in tokenizer_config.json; vocab_size ids at most."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(CORPUS, trainer)
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        f.write(
+            '{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",'
+            ' "tokenizer_class": "PreTrainedTokenizerFast"}'
+        )
+    return directory
