@@ -32,6 +32,9 @@ Launch:
   python experiments/eval_sweep.py --run=xmoe_dense@/tmp/xd --t_eval=1.0,0.9,0.7,0.5
   python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
   tensorboard --logdir=./workdir        # the viewer: pip install -e ".[tensorboard]"
+  python train.py --config=configs/default.py:lm --config.init.hf=/path/to/checkpoint \
+      --config.init.granularity=4 --config.data.kind=text "--config.data.paths=('a.jsonl',)"
+      # upcycle a Hugging Face Llama / Qwen2 / Mistral checkpoint (README, moe_jax.train.hf_init)
 Config errors print one line `error: config.<section>.<field>=<value> is invalid: ...` and exit 2.
 """
 

@@ -1,4 +1,5 @@
-"""grain input pipelines: built-in scenes, users' image+caption manifests, text files.
+"""grain input pipelines: built-in scenes, users' image+caption manifests, text files, and
+pre-tokenized ArrayRecord windows (kind "arrayrecord", see data.arrayrecord).
 
 Usage:
     cfg = DataConfig(kind="shapes", batch_size=32)
@@ -15,8 +16,10 @@ Batch format (b = batch_size // process_count, L = text_len, P = (image_size // 
     "tokens"    [b, L] int32  text input: bos w1 w2 ... (pad = 0 after the text)
     "targets"   [b, L] int32  next token: targets[:, t] = the token after tokens[:, t]
     "loss_mask" [b, L] bool   True where the target is real text (eos included, pad excluded)
-Text-only kinds give only tokens / targets / loss_mask: "text" gives byte windows of L + 1
-tokens of the packed stream bos doc eos bos doc eos ... (every target real); "shapes_text"
+Text-only kinds give only tokens / targets / loss_mask: "text" gives windows of L + 1
+tokens (bytes, or tokenizer="hf": the ids of tokenizer_path's tokenizer.json) of the packed
+stream bos doc eos bos doc eos ... (every target real), "arrayrecord" the same windows stored
+pre-tokenized; "shapes_text"
 gives the scene captions alone, one padded caption per row. A vision-language model places
 the P patch tokens before `tokens` and takes the loss on the text positions only: the logits
 at text position t predict targets[:, t].
