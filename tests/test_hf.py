@@ -136,8 +136,9 @@ def _random_checkpoint(directory, d=256, f=1024, layers=4, vocab=1024):
 
 
 def test_loading_streams_one_tensor_at_a_time(tmp_path):
-    """Host allocations during the load beyond what the loaded model keeps stay within a few
-    tensors; a read-everything-then-convert loader would hold the whole checkpoint again."""
+    """Host allocations during the load beyond what the loaded model keeps stay within three
+    copies of the largest tensor (as read, converted / transposed, handed to the device); a
+    read-everything-then-convert loader would hold the whole checkpoint (here 18x) again."""
     path, tensors = _random_checkpoint(str(tmp_path / "ckpt"))
     total = sum(t.nbytes for t in tensors.values())
     largest = max(t.nbytes for t in tensors.values())
@@ -151,8 +152,8 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     transient = peak - current
-    assert transient <= 2 * largest + (1 << 20), (transient, largest, total)
-    assert total > 8 * largest  # the bound above is far below one copy of the model
+    assert transient <= 3 * largest + (1 << 19), (transient, largest, total)
+    assert total > 16 * largest  # the bound above is far below one copy of the model
     got = np.asarray(params["blocks"][1]["ffn"]["w_out"]["kernel"])
     np.testing.assert_array_equal(got, tensors["model.layers.1.mlp.down_proj.weight"].T)
 

@@ -186,3 +186,14 @@ def test_configs_stored_before_the_new_fields_still_resume():
     assert workdir_lib.config_diff(old, now) == []
     old["model"]["d_model"] = 2 * now["model"]["d_model"]  # a real difference still shows
     assert [d[0] for d in workdir_lib.config_diff(old, now)][0] == "model.d_model"
+
+
+def test_dense_init_from_checkpoint_equals_transformers(ckpt):
+    """moe.enabled=False with init.hf: the trainer's initial model is the checkpoint itself."""
+    path, model, corpus = ckpt
+    cfg = train.from_config_dict(_config(path, corpus, **{"moe.enabled": False}))
+    assert cfg.model.moe_layers == () and cfg.model.d_ff == H.F
+    graphdef, state = train.init_state(cfg)
+    dense = nnx.merge(graphdef, state["params"], state["rest"])
+    tokens = H.tokens(4, (2, 16))
+    np.testing.assert_allclose(_logits(dense, tokens), H.torch_logits(model, tokens), atol=2e-5)

@@ -13,8 +13,9 @@ Name mapping (HF weight [out, in] -> nnx kernel [in, out], i.e. transposed):
     lm_head.weight                             -> head/kernel (untied only)
 Both use the half-split ("rotate_half") RoPE layout and the same head order, so q / k need no
 permutation. The model is first built abstractly (nnx.eval_shape, nothing allocated); then each
-tensor is read from the memory-mapped file, converted to param_dtype, placed on its device or
-sharding and dropped, so host memory peaks at about one converted tensor beyond the model.
+tensor is read from its file, converted to param_dtype (and transposed), placed on its device
+or sharding and dropped, so host memory peaks at about three copies of one tensor (as read,
+as converted, as handed to the device) beyond the model (tests/test_hf.py measures it).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ and the raw little-endian tensor bytes; offsets count from the end of the header
 checkpoint directory holds one `model.safetensors` or several shards listed by
 `model.safetensors.index.json` ({"weight_map": {name: file}}).
 
-The reader memory-maps each file and hands out one tensor at a time as a read-only numpy view
-(bfloat16 through ml_dtypes), so loading never holds more than the tensor being converted.
+The reader hands out one tensor at a time, read from its byte range into a fresh numpy array
+(bfloat16 through ml_dtypes); nothing else of the file is held in memory or mapped, so a
+loader that drops each tensor after placing it peaks at about one tensor beyond the model.
 """
 
 from __future__ import annotations
@@ -79,7 +80,6 @@ class CheckpointReader:
             missing = sorted(set(weight_map) - set(self._entries))
             if missing:
                 raise ValueError(f"{index} lists tensors no shard holds: {missing[:5]}")
-        self._maps: dict[str, np.memmap] = {}
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -91,20 +91,25 @@ class CheckpointReader:
         return tuple(self._entries[name][2]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view of tensor `name` (no copy: backed by the memory-mapped file)."""
+        """Tensor `name`, read from the file into a new array."""
         if name not in self._entries:
             raise KeyError(f"{self.directory}: the checkpoint has no tensor {name!r}")
         path, start, entry = self._entries[name]
         if entry["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, np.uint8, mode="r")
+        dtype = _DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
-        raw = self._maps[path][start + begin : start + end]
-        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        count = (end - begin) // dtype.itemsize
+        if count * dtype.itemsize != end - begin or count != int(np.prod(entry["shape"])):
+            raise ValueError(f"{path}: tensor {name!r}: byte range does not match its shape")
+        with open(path, "rb") as f:
+            a = np.fromfile(f, dtype=dtype, count=count, offset=start + begin)
+        if a.size != count:
+            raise ValueError(f"{path}: truncated file (tensor {name!r})")
+        return a.reshape(entry["shape"])
 
     def close(self) -> None:
-        self._maps.clear()
+        """Nothing stays open between reads; kept for symmetry with other readers."""
 
 
 def save_file(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:

@@ -7,7 +7,7 @@ Every dense SwiGLU FFN of hidden F0 in an MoE block becomes N experts of hidden 
 each expert's units is re-initialized, and a fresh router (with the null logit column for
 router="null") is drawn; see moe_jax.model.upcycle for the layout and the re-initialization.
 
-What the upcycled model keeps (tests/test_hf_upcycle.py): with reinit_fraction=0 and
+What the upcycled model keeps (tests/test_hf_train.py): with reinit_fraction=0 and
 output_scale=g, a router that selects every real expert with equal gates 1/N reproduces the
 dense checkpoint's logits exactly: each slice appears N / g times at weight 1/N, so the
 routed sum is (1/g) * FFN and output_scale restores it. That is top_k = N with a zeroed router

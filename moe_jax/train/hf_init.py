@@ -69,6 +69,10 @@ def apply(init: InitConfig, model: dict, moe: dict, data: dict, moe_enabled: boo
         raise field_error("config", "init.hf", init.hf, str(err)) from None
     if model.get("mode", "vlm") != "lm":
         raise field_error("config", "model.mode", model.get("mode"), "'lm' with init.hf")
+    if data.get("text_len", 0) > hf.max_len:
+        raise field_error(
+            "config", "data.text_len", data["text_len"], f"<= max_position_embeddings={hf.max_len}"
+        )
     model.update({f: getattr(hf, f) for f in ARCH_FIELDS})
     if moe_enabled:
         g = init.granularity
