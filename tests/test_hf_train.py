@@ -197,3 +197,19 @@ def test_dense_init_from_checkpoint_equals_transformers(ckpt):
     dense = nnx.merge(graphdef, state["params"], state["rest"])
     tokens = H.tokens(4, (2, 16))
     np.testing.assert_allclose(_logits(dense, tokens), H.torch_logits(model, tokens), atol=2e-5)
+
+
+def test_converter_command_line_writes_the_same_windows(ckpt, tmp_path):
+    from moe_jax.data import make_arrayrecord
+    from moe_jax.data.arrayrecord import WindowRecords, read_meta
+
+    path, _, corpus = ckpt
+    a, b = str(tmp_path / "a.array_record"), str(tmp_path / "b.array_record")
+    convert([corpus], a, text_len=16, tokenizer=HFTokenizer(path))
+    args = [corpus, f"--out={b}", "--text_len=16", f"--tokenizer={path}"]
+    assert make_arrayrecord.main(args) == 0
+    meta = read_meta(b)
+    assert meta["text_len"] == 16 and meta["vocab_size"] == HFTokenizer(path).vocab_size
+    ra, rb = (WindowRecords((p,), start=0, length=meta["windows"], text_len=16) for p in (a, b))
+    for i in range(meta["windows"]):
+        np.testing.assert_array_equal(ra[i]["tokens"], rb[i]["tokens"])

@@ -6,7 +6,7 @@ Beside each file, `<file>.json` holds {"text_len", "vocab_size", "tokenizer", "w
 a source made for another text_len or tokenizer is refused before training, naming the file.
 
 Convert text / JSONL files (same reading rules as data kind "text"):
-    python -m moe_jax.data.arrayrecord --out=/data/train.array_record --text_len=128 \
+    python -m moe_jax.data.make_arrayrecord --out=/data/train.array_record --text_len=128 \
         --tokenizer=/path/to/checkpoint a.txt b.jsonl          # or --tokenizer=byte
 Train on it: --config.data.kind=arrayrecord "--config.data.paths=('/data/train.array_record',)"
 (with --config.init.hf the checkpoint's tokenizer is the data tokenizer; the converter must have
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -35,7 +34,7 @@ def read_meta(path: str) -> dict:
     if not os.path.isfile(meta):
         raise FileNotFoundError(
             f"DataConfig.paths: {path!r} has no {meta!r}; write the file with "
-            "python -m moe_jax.data.arrayrecord"
+            "python -m moe_jax.data.make_arrayrecord"
         )
     with open(meta, encoding="utf-8") as f:
         return json.load(f)
@@ -106,29 +105,3 @@ def convert(paths, out: str, *, text_len: int, tokenizer, tokenizer_name: str = 
     with open(out + META_SUFFIX, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     return n
-
-
-def main(argv: list[str]) -> int:
-    import argparse
-
-    from moe_jax.data.hf_tokenizer import load_tokenizer
-    from moe_jax.data.tokenizer import ByteTokenizer
-
-    p = argparse.ArgumentParser(
-        prog="python -m moe_jax.data.arrayrecord",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", help="text files (one document each) or .jsonl files")
-    p.add_argument("--out", required=True, help="the ArrayRecord file to write")
-    p.add_argument("--text_len", type=int, required=True, help="data.text_len of the runs")
-    p.add_argument("--tokenizer", default="byte", help="byte, or a tokenizer.json / its folder")
-    a = p.parse_args(argv)
-    tok = ByteTokenizer() if a.tokenizer == "byte" else load_tokenizer(a.tokenizer)
-    n = convert(a.inputs, a.out, text_len=a.text_len, tokenizer=tok, tokenizer_name=a.tokenizer)
-    print(f"wrote {n} windows of {a.text_len + 1} tokens to {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
