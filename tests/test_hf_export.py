@@ -14,7 +14,7 @@ from flax import nnx
 
 from moe_jax import hf
 from moe_jax.core.config import MoEConfig
-from moe_jax.model import ModelConfig, Transformer
+from moe_jax.model import ModelConfig, Transformer, next_token_loss
 
 
 def _model(router="topk", seed=0, **moe_kw):
@@ -60,10 +60,26 @@ def _forward(model, tokens):
     return model(tokens, deterministic=True)[0]
 
 
+@nnx.jit
+def _sgd_step(model, tokens):
+    def loss_fn(m):
+        logits, aux = m(tokens)
+        return next_token_loss(logits, tokens, jnp.ones(tokens.shape, bool))[0] + aux["aux_loss"]
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+    return loss
+
+
 def test_mixtral_export_gives_the_same_logits(tmp_path):
+    """A top-k MoE trained a few steps here, written as Mixtral, read by transformers."""
     from transformers import MixtralForCausalLM
 
     model = _model("topk")
+    batch = jnp.asarray(H.tokens(7, (4, 16)))
+    losses = [float(_sgd_step(model, batch)) for _ in range(3)]
+    assert losses[-1] < losses[0]
     path = hf.export_mixtral(model, str(tmp_path / "mixtral"))
     theirs = MixtralForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     tokens = H.tokens(5, (2, 16))
