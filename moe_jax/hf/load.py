@@ -61,10 +61,12 @@ def _place(src: np.ndarray, transpose: bool, dtype, sharding) -> jax.Array:
     view = src.T if transpose else src
     if sharding is None:
         host = np.ascontiguousarray(view, dtype=dtype)  # the one host copy of this tensor
-        return jax.device_put(host)
-    return jax.make_array_from_callback(
-        view.shape, sharding, lambda idx: np.ascontiguousarray(view[idx], dtype=dtype)
-    )
+        out = jax.device_put(host)
+    else:
+        out = jax.make_array_from_callback(
+            view.shape, sharding, lambda idx: np.ascontiguousarray(view[idx], dtype=dtype)
+        )
+    return out.block_until_ready()  # the transfer is done: the host buffers can go now
 
 
 def _set(tree: dict, path: tuple, value) -> None:
