@@ -21,6 +21,7 @@ setup(
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
+        "array_record>=0.8",  # data kind "arrayrecord" (grain's random-access format)
         "ml-collections>=1.1.0,<2",
         "absl-py>=2.1",
         "numpy>=1.26",
@@ -37,7 +38,13 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6",
+            # Hugging Face checkpoint tests: tiny models built and run by transformers (CPU).
+            "torch==2.13.0",
+            "transformers>=5.0,<6",
+            "tokenizers>=0.21",
         ],
+        # Reading Hugging Face tokenizers (tokenizer.json); checkpoints need only numpy.
+        "hf": ["tokenizers>=0.21"],
         # Compile-only TPU and NVIDIA targets on any machine (python -m moe_jax.aot, the compile
         # tests): libtpu and the CUDA PJRT plugin, pinned to the jax version they match.
         "aot": ["jax[cuda12]==0.10.2", "libtpu==0.0.42.1"],

@@ -32,6 +32,9 @@ Launch:
   python experiments/eval_sweep.py --run=xmoe_dense@/tmp/xd --t_eval=1.0,0.9,0.7,0.5
   python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
   tensorboard --logdir=./workdir        # the viewer: pip install -e ".[tensorboard]"
+  python train.py --config=configs/default.py:lm --config.init.hf=/path/to/checkpoint \
+      --config.init.granularity=4 --config.data.kind=text "--config.data.paths=('a.jsonl',)"
+      # upcycle a Hugging Face Llama / Qwen2 / Mistral checkpoint (README, moe_jax.train.hf_init)
 Config errors print one line `error: config.<section>.<field>=<value> is invalid: ...` and exit 2.
 """
 
@@ -121,6 +124,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     x.data = -1  # data-parallel axis size; -1 = all devices / expert (used when expert > 0)
     x.buffer_factor = 2.0  # EP send buffer over expected real rows; 0 = dropless (worst case)
     x.exchange = "auto"  # EP row exchange: auto | ragged (TPU/GPU) | padded (any platform)
+
+    c.init = i = ml_collections.ConfigDict()
+    i.hf = ""  # Hugging Face checkpoint folder to upcycle (lm mode; README); "" = random init
+    i.granularity = 1  # g: each dense FFN becomes experts of hidden F/g (sets moe.d_ff)
+    i.reinit_fraction = 0.3  # share of each expert's hidden units re-initialized
+    i.output_scale = 1.0  # multiplies the experts' w_out (g: uniform gates give the dense FFN)
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "shapes"  # shapes | shapes_text | manifest | text

@@ -9,7 +9,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "moe_jax"
 # Each package may import itself and the ones before it.
-ORDER = ("core", "experts", "parallel", "moe", "model", "data", "train", "aot")
+ORDER = ("core", "experts", "parallel", "moe", "model", "data", "hf", "train", "aot")
 MAX_LINES = 400
 
 

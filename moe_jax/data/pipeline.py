@@ -1,4 +1,5 @@
-"""grain input pipelines: built-in scenes, users' image+caption manifests, text files.
+"""grain input pipelines: built-in scenes, users' image+caption manifests, text files, and
+pre-tokenized ArrayRecord windows (kind "arrayrecord", see data.arrayrecord).
 
 Usage:
     cfg = DataConfig(kind="shapes", batch_size=32)
@@ -15,8 +16,10 @@ Batch format (b = batch_size // process_count, L = text_len, P = (image_size // 
     "tokens"    [b, L] int32  text input: bos w1 w2 ... (pad = 0 after the text)
     "targets"   [b, L] int32  next token: targets[:, t] = the token after tokens[:, t]
     "loss_mask" [b, L] bool   True where the target is real text (eos included, pad excluded)
-Text-only kinds give only tokens / targets / loss_mask: "text" gives byte windows of L + 1
-tokens of the packed stream bos doc eos bos doc eos ... (every target real); "shapes_text"
+Text-only kinds give only tokens / targets / loss_mask: "text" gives windows of L + 1
+tokens (bytes, or tokenizer="hf": the ids of tokenizer_path's tokenizer.json) of the packed
+stream bos doc eos bos doc eos ... (every target real), "arrayrecord" the same windows stored
+pre-tokenized; "shapes_text"
 gives the scene captions alone, one padded caption per row. A vision-language model places
 the P patch tokens before `tokens` and takes the loss on the text positions only: the logits
 at text position t predict targets[:, t].
@@ -41,7 +44,8 @@ import numpy as np
 from absl import flags, logging
 
 from moe_jax.core.validate import checker, is_int
-from moe_jax.data import scenes
+from moe_jax.data import arrayrecord, scenes
+from moe_jax.data.hf_tokenizer import load_tokenizer
 from moe_jax.data.sources import (
     ManifestError,  # noqa: F401  (re-exported: the error users catch)
     ManifestSource,
@@ -58,8 +62,8 @@ from moe_jax.data.tokenizer import (
     pad_example,
 )
 
-KINDS = ("shapes", "shapes_text", "manifest", "text")
-TOKENIZERS = ("auto", "word", "byte")
+KINDS = ("shapes", "shapes_text", "manifest", "text", "arrayrecord")
+TOKENIZERS = ("auto", "word", "byte", "hf")
 SPLITS = ("train", "eval")
 DEFAULT_N_TRAIN = 100_000  # scene records in the train split when n_train is None
 
@@ -80,7 +84,8 @@ class DataConfig:
     num_workers: int = 0  # grain worker processes; 0 reads in the main process
     read_threads: int = 2  # threads producing batches in each reading process
     prefetch: int = 4  # batches buffered ahead by each reading process
-    tokenizer: str = "auto"  # auto: word for shapes kinds, byte for file kinds
+    tokenizer: str = "auto"  # auto: word for shapes kinds, byte for file kinds; hf: tokenizer_path
+    tokenizer_path: str = ""  # tokenizer="hf": a tokenizer.json or its checkpoint folder
     max_shapes: int = 3  # shapes per scene, at most 1..5
     truncate: bool = False  # manifest: cut captions > text_len - 1 tokens, eos kept; False: error
     resize: bool = False  # manifest: area-resize non-square-S images (aspect lost); False: error
@@ -113,12 +118,24 @@ class DataConfig:
             self.image_size,
             f"a multiple of patch_size={self.patch_size}",
         )
-        file_kind = self.kind in ("manifest", "text")
+        file_kind = self.kind in ("manifest", "text", "arrayrecord")
         _check(
             bool(self.paths) == file_kind,
             "paths",
             self.paths,
-            "non-empty for kinds 'manifest' and 'text', empty for the built-in kinds",
+            "non-empty for kinds 'manifest', 'text' and 'arrayrecord', empty for the built-in kinds",
+        )
+        _check(
+            (self.tokenizer == "hf") == bool(self.tokenizer_path),
+            "tokenizer_path",
+            self.tokenizer_path,
+            "given exactly when tokenizer='hf'",
+        )
+        _check(
+            self.tokenizer != "hf" or self.kind in ("text", "arrayrecord"),
+            "tokenizer",
+            self.tokenizer,
+            f"'hf' only for kinds 'text' and 'arrayrecord' (kind={self.kind!r})",
         )
         _check(
             not (self.kind == "text" and self.tokenizer == "word"),
@@ -160,6 +177,8 @@ def make_tokenizer(cfg: DataConfig) -> Tokenizer:
     name = cfg.tokenizer
     if name == "auto":
         name = "word" if cfg.kind in ("shapes", "shapes_text") else "byte"
+    if name == "hf":
+        return load_tokenizer(cfg.tokenizer_path)
     return WordTokenizer(scenes.vocabulary()) if name == "word" else ByteTokenizer()
 
 
@@ -224,9 +243,12 @@ def check_splits(cfg: DataConfig) -> None:
         _count_long_captions(cfg, records)
         _split_range(cfg, "train", len(records), what)
     elif cfg.kind == "text":
-        stream = read_text_stream(cfg.paths)
+        stream = read_text_stream(cfg.paths, make_tokenizer(cfg))
         n = num_windows(len(stream), cfg.text_len)
         _split_range(cfg, "train", n, _text_what(cfg, len(stream)))
+    elif cfg.kind == "arrayrecord":
+        n = arrayrecord.check_files(cfg.paths, cfg.text_len, make_tokenizer(cfg).vocab_size)
+        _split_range(cfg, "train", n, f"ArrayRecord file(s) {', '.join(cfg.paths)}")
 
 
 def _text_what(cfg: DataConfig, stream_len: int) -> str:
@@ -264,7 +286,13 @@ def make_source(cfg: DataConfig, split: str):
         )
         source.num_truncated = n_long
         return source
-    stream = read_text_stream(cfg.paths)
+    if cfg.kind == "arrayrecord":
+        n = arrayrecord.check_files(cfg.paths, cfg.text_len, make_tokenizer(cfg).vocab_size)
+        start, length = _split_range(cfg, split, n, f"ArrayRecord file(s) {', '.join(cfg.paths)}")
+        return arrayrecord.WindowRecords(
+            cfg.paths, start=start, length=length, text_len=cfg.text_len
+        )
+    stream = read_text_stream(cfg.paths, make_tokenizer(cfg))
     n = num_windows(len(stream), cfg.text_len)
     start, length = _split_range(cfg, split, n, _text_what(cfg, len(stream)))
     return WindowSource(stream, start=start, length=length, text_len=cfg.text_len)

@@ -12,9 +12,10 @@ with transparency) are composited onto a white background; 32-bit integer and fl
 are refused. An image whose size is not image_size x image_size is refused unless
 DataConfig.resize is set, which area-resizes it (aspect ratio not kept).
 
-Text files are byte-tokenized, one document per file, packed into one stream and served as
-overlapping next-token windows (see tokenizer.pack_stream / stream_window). An empty text
-file is refused, naming it.
+Text files are tokenized (bytes, or a checkpoint's tokenizer with DataConfig.tokenizer="hf"),
+one document per file, except JSONL files (*.jsonl): one document per line, {"text": str}.
+The documents are packed into one stream and served as overlapping next-token windows (see
+tokenizer.pack_stream / stream_window). An empty text file is refused, naming it.
 """
 
 from __future__ import annotations
@@ -171,16 +172,40 @@ class WindowSource:
         return stream_window(self.stream, self.start + i, self.text_len)
 
 
-def read_text_stream(paths: tuple[str, ...]) -> np.ndarray:
-    """Each file is one document of bytes; returns the packed byte-token stream."""
-    tok = ByteTokenizer()
+def read_jsonl_texts(path: str) -> list[str]:
+    """The "text" field of every non-empty line of a JSONL file (errors name file and line)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get("text")
+            except (json.JSONDecodeError, AttributeError):
+                text = None
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"DataConfig.paths: {path}, line {line_no}: expected an object with a "
+                    'string field "text"'
+                )
+            texts.append(text)
+    return texts
+
+
+def read_text_stream(paths: tuple[str, ...], tokenizer=None) -> np.ndarray:
+    """Each text file is one document (each line of a .jsonl file one {"text"} document);
+    returns the packed token stream (bytes unless `tokenizer` is given)."""
+    tok = ByteTokenizer() if tokenizer is None else tokenizer
     docs = []
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"DataConfig.paths: text file {path!r} not found")
-        with open(path, "rb") as f:
-            content = f.read()
-        if not content:
+        if path.endswith(".jsonl"):
+            contents = read_jsonl_texts(path)
+        else:
+            with open(path, "rb") as f:
+                contents = [f.read()]
+        if not any(contents):
             raise ValueError(f"DataConfig.paths: text file {path!r} is empty")
-        docs.append(tok.encode(content))
-    return pack_stream(docs)
+        docs += [tok.encode(c) for c in contents]
+    return pack_stream(docs, bos=tok.bos_id, eos=tok.eos_id)

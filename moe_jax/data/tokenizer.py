@@ -99,14 +99,18 @@ def pad_example(ids: np.ndarray, text_len: int) -> dict[str, np.ndarray]:
     return {"tokens": seq[:-1], "targets": targets, "loss_mask": targets != PAD}
 
 
-def pack_stream(docs: Iterable[np.ndarray]) -> np.ndarray:
-    """Concatenates token documents as bos doc eos bos doc eos ... into one uint16 stream."""
+def pack_stream(docs: Iterable[np.ndarray], *, bos: int | None = BOS, eos: int | None = EOS):
+    """Concatenates token documents as bos doc eos bos doc eos ... into one stream (uint16, or
+    uint32 when an id exceeds 65535); a None bos / eos is left out."""
+    head = [] if bos is None else [np.asarray([bos])]
+    tail = [] if eos is None else [np.asarray([eos])]
     parts = []
     for doc in docs:
-        parts += [np.asarray([BOS]), np.asarray(doc), np.asarray([EOS])]
+        parts += [*head, np.asarray(doc), *tail]
     if not parts:
         return np.zeros(0, np.uint16)
-    return np.concatenate(parts).astype(np.uint16)
+    stream = np.concatenate(parts)
+    return stream.astype(np.uint16 if stream.max(initial=0) < 1 << 16 else np.uint32)
 
 
 def num_windows(stream_len: int, text_len: int) -> int:

@@ -9,6 +9,7 @@ written at positions [pos, pos + L) and every query attends to the cached keys a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -24,10 +25,47 @@ def small_init(std: float = 0.02):
     return nnx.initializers.normal(std)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """RoPE frequencies: base theta and an optional context-extension rescaling.
+
+    scaling "none": inv_freq_i = theta^(-i / (Dh/2)); "linear": inv_freq / factor (positions
+    divided by factor); "llama3": wavelengths longer than original_max_len / low_freq_factor
+    are divided by factor, shorter than original_max_len / high_freq_factor are kept, and the
+    band between is interpolated smoothly (the Llama 3.1 rule).
+    """
+
+    theta: float = 10_000.0
+    scaling: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def inv_freq(self, head_dim: int) -> jax.Array:
+        half = head_dim // 2
+        freq = self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+        if self.scaling == "linear":
+            return freq / self.factor
+        if self.scaling == "llama3":
+            wavelen = 2 * math.pi / freq
+            low_wl = self.original_max_len / self.low_freq_factor  # longer: divided by factor
+            high_wl = self.original_max_len / self.high_freq_factor  # shorter: kept
+            scaled = jnp.where(wavelen > low_wl, freq / self.factor, freq)
+            smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            mid = (1 - smooth) * scaled / self.factor + smooth * scaled
+            between = (wavelen >= high_wl) & (wavelen <= low_wl)
+            return jnp.where(between, mid, scaled)
+        return freq
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.Array:
     """Rotary position embedding (rotate-half form). x [B, L, H, Dh], positions [L]."""
     half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    spec = theta if isinstance(theta, Rope) else Rope(theta)
+    freq = spec.inv_freq(x.shape[-1])  # [Dh/2]
     ang = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [L, Dh/2]
     sin = jnp.sin(ang)[None, :, None, :]  # [1, L, 1, Dh/2]
     cos = jnp.cos(ang)[None, :, None, :]
@@ -56,20 +94,25 @@ class Attention(nnx.Module):
         n_heads: int,
         n_kv_heads: int,
         *,
-        rope_theta: float,
+        rope_theta: float | Rope,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        sliding_window: int | None = None,
     ):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.rope_theta = rope_theta
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sliding_window = sliding_window  # attend to the last `sliding_window` positions
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hd = self.head_dim
-        self.wq = nnx.Linear(d_model, n_heads * hd, **kw)
-        self.wk = nnx.Linear(d_model, n_kv_heads * hd, **kw)
-        self.wv = nnx.Linear(d_model, n_kv_heads * hd, **kw)
-        self.wo = nnx.Linear(n_heads * hd, d_model, **kw)
+        self.wq = nnx.Linear(d_model, n_heads * hd, use_bias=qkv_bias, **kw)
+        self.wk = nnx.Linear(d_model, n_kv_heads * hd, use_bias=qkv_bias, **kw)
+        self.wv = nnx.Linear(d_model, n_kv_heads * hd, use_bias=qkv_bias, **kw)
+        self.wo = nnx.Linear(n_heads * hd, d_model, use_bias=out_bias, **kw)
 
     def __call__(
         self,
@@ -99,6 +142,8 @@ class Attention(nnx.Module):
         s = s / math.sqrt(hd)  # [B, Hkv, G, L, S]
         if causal:
             mask = k_pos[None, :] <= positions[:, None]  # [L, S]
+            if self.sliding_window is not None:
+                mask &= k_pos[None, :] > positions[:, None] - self.sliding_window
             s = jnp.where(mask, s, _NEG)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("bkgls,bskd->blkgd", p, v).reshape(b, n, h * hd)  # [B, L, H*Dh]

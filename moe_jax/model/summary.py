@@ -22,9 +22,13 @@ def _ffn_params(d: int, f: int, activation: str = "swiglu") -> int:
     return d * f * (3 if activation == "swiglu" else 2)
 
 
-def _attn_params(cfg: ModelConfig, n_heads: int, n_kv: int) -> int:
-    hd = cfg.d_model // cfg.n_heads
-    return cfg.d_model * hd * (2 * n_heads + 2 * n_kv)
+def _attn_params(cfg: ModelConfig, n_heads: int, n_kv: int, decoder: bool = True) -> int:
+    """Projection weights (and the decoder's optional biases) of one attention layer."""
+    if not decoder:  # the vit encoder: head_dim = d_model / n_heads, no biases
+        return cfg.d_model * (cfg.d_model // cfg.n_heads) * (2 * n_heads + 2 * n_kv)
+    hd = cfg.head_dim
+    bias = hd * (n_heads + 2 * n_kv) * cfg.qkv_bias + cfg.d_model * cfg.attn_out_bias
+    return cfg.d_model * hd * (2 * n_heads + 2 * n_kv) + bias
 
 
 def expert_params(cfg: ModelConfig) -> int:
@@ -47,7 +51,9 @@ def vision_params(cfg: ModelConfig) -> int:
     n = (cfg.patch_size**2 * cfg.channels + 1) * d + cfg.num_patches * d  # proj + pos
     if cfg.vision_encoder == "mlp":
         return n + d * d + d
-    per_block = 2 * d + _attn_params(cfg, cfg.n_heads, cfg.n_heads) + _ffn_params(d, cfg.d_ff)
+    per_block = (
+        2 * d + _attn_params(cfg, cfg.n_heads, cfg.n_heads, False) + _ffn_params(d, cfg.d_ff)
+    )
     return n + cfg.vision_layers * per_block + d
 
 
@@ -58,7 +64,9 @@ def vision_flops_per_image(cfg: ModelConfig) -> float:
     f = 2.0 * p * cfg.patch_size**2 * cfg.channels * d
     if cfg.vision_encoder == "mlp":
         return f + 2.0 * p * d * d
-    per_block = 2.0 * p * (_attn_params(cfg, cfg.n_heads, cfg.n_heads) + _ffn_params(d, cfg.d_ff))
+    per_block = (
+        2.0 * p * (_attn_params(cfg, cfg.n_heads, cfg.n_heads, False) + _ffn_params(d, cfg.d_ff))
+    )
     per_block += 4.0 * p * p * cfg.n_heads * cfg.head_dim  # scores + values, full context
     return f + cfg.vision_layers * per_block
 

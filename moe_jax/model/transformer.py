@@ -31,12 +31,13 @@ from flax import nnx
 
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.validate import checker, is_pos_int
-from moe_jax.model.layers import Attention, VisionEncoder, small_init
+from moe_jax.model.layers import Attention, Rope, VisionEncoder, small_init
 from moe_jax.moe import FFN, MoE, record_routing, routing_ids
 
 MODES = ("vlm", "lm")
 ENCODERS = ("mlp", "vit")
 DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 _check = checker("ModelConfig")
@@ -50,7 +51,7 @@ class ModelConfig:
     vocab_size: int = 256  # V
     d_model: int = 128  # D
     n_layers: int = 4  # decoder blocks
-    n_heads: int = 4  # H query heads; head_dim = d_model / n_heads (even, for RoPE)
+    n_heads: int = 4  # H query heads
     n_kv_heads: int | None = None  # key/value heads (GQA); None = n_heads; divides n_heads
     d_ff: int = 512  # hidden width of the dense SwiGLU FFN (dense blocks, vit encoder)
     moe: MoEConfig | None = None  # MoE layer config (moe.d_model must equal d_model)
@@ -67,6 +68,17 @@ class ModelConfig:
     rope_theta: float = 10_000.0  # RoPE base
     vision_encoder: str = "mlp"  # mlp | vit
     vision_layers: int = 1  # bidirectional blocks in the vit encoder
+    # Fields for imported checkpoints (moe_jax.hf); the defaults keep the original model.
+    head_dim: int | None = None  # per-head width (even, for RoPE); None = d_model / n_heads
+    norm_eps: float = 1e-6  # RMSNorm epsilon of the decoder norms
+    qkv_bias: bool = False  # biases on the query / key / value projections
+    attn_out_bias: bool = False  # bias on the attention output projection
+    sliding_window: int | None = None  # attend only to the last n positions; None = all
+    rope_scaling: str = "none"  # RoPE rescaling: none | linear | llama3 (layers.Rope)
+    rope_factor: float = 1.0  # linear / llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: low-frequency band edge
+    rope_high_freq_factor: float = 4.0  # llama3: high-frequency band edge
+    rope_original_max_len: int = 8192  # llama3: context length the model was trained at
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "channels"):
@@ -81,19 +93,35 @@ class ModelConfig:
             self.n_kv_heads,
             f"an integer >= 1 dividing n_heads={self.n_heads}",
         )
-        _check(
-            self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
-            "n_heads",
-            self.n_heads,
-            f"must divide d_model={self.d_model} into an even head_dim (RoPE)",
-        )
-        _check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        _check(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
-        _check(
-            self.vision_encoder in ENCODERS, "vision_encoder", self.vision_encoder, str(ENCODERS)
-        )
-        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
+                "n_heads",
+                self.n_heads,
+                f"must divide d_model={self.d_model} into an even head_dim (RoPE)",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        sw = self.sliding_window
+        for ok, name, allowed in (
+            (_pos_int(self.head_dim) and self.head_dim % 2 == 0, "head_dim", "an even int >= 2"),
+            (self.norm_eps > 0, "norm_eps", "must be > 0"),
+            (self.sliding_window is None or _pos_int(sw), "sliding_window", "an int >= 1"),
+            (self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"one of {ROPE_SCALINGS}"),
+            (self.rope_factor > 0, "rope_factor", "must be > 0"),
+            (self.rope_low_freq_factor > 0, "rope_low_freq_factor", "must be > 0"),
+            (
+                self.rope_high_freq_factor > self.rope_low_freq_factor,
+                "rope_high_freq_factor",
+                f"must exceed rope_low_freq_factor={self.rope_low_freq_factor}",
+            ),
+            (_pos_int(self.rope_original_max_len), "rope_original_max_len", "an int >= 1"),
+            (self.mode in MODES, "mode", f"one of {MODES}"),
+            (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
+            (self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}"),
+            (self.vision_encoder in ENCODERS, "vision_encoder", str(ENCODERS)),
+            (self.rope_theta > 0, "rope_theta", "must be > 0"),
+        ):
+            _check(ok, name, getattr(self, name), allowed)
         _check(
             self.image_size % self.patch_size == 0,
             "patch_size",
@@ -125,8 +153,9 @@ class ModelConfig:
             self.layer_moe_config  # noqa: B018
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def rope(self) -> Rope:
+        names = ("theta", "scaling", "factor", "low_freq_factor", "high_freq_factor")
+        return Rope(*(getattr(self, f"rope_{n}") for n in names), self.rope_original_max_len)
 
     @property
     def num_patches(self) -> int:
@@ -156,11 +185,19 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, use_moe: bool, *, rngs: nnx.Rngs):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.use_moe = use_moe
-        self.attn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
         self.attn = Attention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, rope_theta=cfg.rope_theta, **kw
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            rope_theta=cfg.rope,
+            head_dim=cfg.head_dim,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.attn_out_bias,
+            sliding_window=cfg.sliding_window,
+            **kw,
         )
-        self.ffn_norm = nnx.RMSNorm(cfg.d_model, **kw)
+        self.ffn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
         if use_moe:
             self.ffn = MoE(cfg.layer_moe_config, rngs=rngs)
         else:
@@ -226,7 +263,9 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List(
             [Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.n_layers)]
         )
-        self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cdt, param_dtype=pdt, rngs=rngs)
+        self.final_norm = nnx.RMSNorm(
+            cfg.d_model, epsilon=cfg.norm_eps, dtype=cdt, param_dtype=pdt, rngs=rngs
+        )
         self.head = (
             nnx.Linear(
                 cfg.d_model,
@@ -241,7 +280,6 @@ class Transformer(nnx.Module):
             else None
         )
 
-    # ---- pieces ------------------------------------------------------------------------------
     def _inputs(self, tokens: jax.Array, images: jax.Array | None):
         """Token (and patch) embeddings [B, P+L, D] and modality ids [B, P+L]."""
         cfg = self.cfg
@@ -294,7 +332,6 @@ class Transformer(nnx.Module):
         if n > self.cfg.max_len:
             raise ValueError(f"text length {n} exceeds ModelConfig.max_len={self.cfg.max_len}")
 
-    # ---- public API --------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *, deterministic=False):
         self._check_len(tokens.shape[1])
         x, modality = self._inputs(tokens, images)

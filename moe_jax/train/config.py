@@ -24,6 +24,8 @@ from moe_jax.core.validate import (
 from moe_jax.data import DataConfig, check_splits, make_tokenizer
 from moe_jax.model import ModelConfig
 from moe_jax.parallel import MeshConfig
+from moe_jax.train import hf_init
+from moe_jax.train.hf_init import InitConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 # ModelConfig fields that come from the data section or the tokenizer, not from config.model.
@@ -124,6 +126,7 @@ class TrainConfig:
     ckpt: CkptConfig
     log: LogConfig
     mesh: MeshConfig | None = None  # expert-parallel mesh; None = plain jit on one device
+    init: InitConfig | None = None  # parameters from a checkpoint (init.hf); None = random
 
     @property
     def moe(self) -> MoEConfig | None:
@@ -229,7 +232,7 @@ def from_config_dict(cfg) -> TrainConfig:
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     _check_finite(cfg)
-    sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh")
+    sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh", "init")
     top = ("name", "seed", "num_steps", "fail_at_step")
     unknown = sorted(set(cfg) - set(sections) - set(top))
     if unknown:
@@ -248,6 +251,9 @@ def from_config_dict(cfg) -> TrainConfig:
             "fail_at_step", fail_at_step, f"an int in [-1, {INT32_MAX}] (-1 = never)"
         )
 
+    i = dict(cfg.get("init") or {})
+    _check_keys("init", i, _fields(InitConfig))
+    init = _build("init", InitConfig, i, "InitConfig") if i.get("hf") else None
     d = _section(cfg, "data")
     _check_keys("data", d, _fields(DataConfig))
     if "paths" in d and isinstance(d["paths"], list):
@@ -262,6 +268,15 @@ def from_config_dict(cfg) -> TrainConfig:
     enabled = e.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise _field_error("moe.enabled", enabled, "must be True or False")
+    if init is not None:  # the checkpoint sets the architecture, vocabulary and tokenizer
+        vocab = hf_init.apply(init, m, e, d, enabled)
+        data = _build("data", DataConfig, d, "DataConfig")
+        if make_tokenizer(data).vocab_size > vocab:
+            raise _field_error(
+                "init.hf",
+                init.hf,
+                f"its tokenizer has {make_tokenizer(data).vocab_size} ids, the model {vocab}",
+            )
     if "d_model" not in m:
         raise ValueError("config.model.d_model is missing")
     moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
@@ -270,7 +285,7 @@ def from_config_dict(cfg) -> TrainConfig:
         ModelConfig,
         {
             **m,
-            "vocab_size": make_tokenizer(data).vocab_size,
+            "vocab_size": make_tokenizer(data).vocab_size if init is None else vocab,
             "image_size": data.image_size,
             "patch_size": data.patch_size,
             "channels": 3,
@@ -316,6 +331,7 @@ def from_config_dict(cfg) -> TrainConfig:
         _check_mesh(mesh, data, opt)
     check_splits(data)  # file kinds: reads the files; names file, line and field
     return TrainConfig(
+        init=init,
         mesh=mesh,
         name=str(cfg.get("name", "run")),
         seed=seed,

@@ -22,6 +22,7 @@ from flax import nnx
 from moe_jax import data as data_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel
+from moe_jax.hf import upcycle as hf_upcycle
 from moe_jax.moe import calibrate_null, null_calibrated_layers, set_parallel
 from moe_jax.train import metrics as metrics_lib
 from moe_jax.train.config import OptConfig, TrainConfig
@@ -81,7 +82,17 @@ def init_state(cfg: TrainConfig, ep=None):
     if ep is not None:
         set_parallel(abstract, ep)
     graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
-    params, rest = _init_params(cfg.model, cfg.seed)
+    if cfg.init is None:
+        params, rest = _init_params(cfg.model, cfg.seed)
+    else:  # a Hugging Face checkpoint, upcycled (moe_jax.train.hf_init)
+        params, rest = hf_upcycle.init_params(
+            cfg.init.hf,
+            cfg.model,
+            granularity=cfg.init.granularity,
+            reinit_fraction=cfg.init.reinit_fraction,
+            output_scale=cfg.init.output_scale,
+            seed=cfg.seed,
+        )
     if ep is not None:
         params, rest = parallel.shard_state(params, ep.mesh), parallel.shard_state(rest, ep.mesh)
     tx, _ = make_optimizer(cfg.opt, cfg.num_steps)

@@ -116,13 +116,35 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
+# Fields added after configs were first stored, with the value that reproduces the older
+# behaviour: a stored config without the field is read as having that value.
+ADDED_FIELDS = {
+    "init": None,
+    "model.norm_eps": 1e-6,
+    "model.qkv_bias": False,
+    "model.attn_out_bias": False,
+    "model.sliding_window": None,
+    "model.rope_scaling": "none",
+    "model.rope_factor": 1.0,
+    "model.rope_low_freq_factor": 1.0,
+    "model.rope_high_freq_factor": 4.0,
+    "model.rope_original_max_len": 8192,
+}
+
+
+def _older_value(stored: dict, key: str, missing):
+    if key == "model.head_dim" and "model.d_model" in stored:
+        return stored["model.d_model"] // stored["model.n_heads"]
+    return ADDED_FIELDS.get(key, missing)
+
+
 def config_diff(stored: dict, now: dict) -> list[tuple[str, object, object]]:
     """[(path, stored value, current value)] of every differing field, sorted by path."""
     a, b = _flatten(stored), _flatten(now)
     missing = object()
     out = []
     for k in sorted(set(a) | set(b)):
-        x, y = a.get(k, missing), b.get(k, missing)
+        x, y = a.get(k, _older_value(a, k, missing)), b.get(k, missing)
         if x != y:
             out.append((k, None if x is missing else x, None if y is missing else y))
     return out
