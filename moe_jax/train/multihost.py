@@ -57,7 +57,8 @@ class DistConfig:
 
 def dist_config(config) -> DistConfig:
     """The validated dist section of a ConfigDict / mapping (absent: all None)."""
-    d = dict((config.get("dist") if isinstance(config, Mapping) else None) or {})
+    section = config.get("dist") if hasattr(config, "get") else None
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
     unknown = sorted(set(d) - set(DIST_KEYS))
     if unknown:
         raise ValueError(
