@@ -198,9 +198,8 @@ def _check_finite(cfg: Mapping) -> None:
                 raise _field_error(key if sub is None else f"{key}.{sub}", v, NOT_FINITE)
 
 
-def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe) -> None:
-    """The mesh against the (global) devices, the experts and the batch: before any model."""
-    n = jax.device_count()
+def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe, n: int) -> None:
+    """The mesh against the n (global) devices, the experts and the batch: before any model."""
     for name in ("fsdp", "expert"):
         if n % getattr(mesh, name):
             raise _field_error(
@@ -223,7 +222,7 @@ def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe) -> None
         raise _field_error(
             "data.batch_size",
             data.batch_size,
-            f"each micro-batch (batch_size / opt.grad_accum = {micro}) must split evenly over "
+            f"each micro-batch (batch_size / opt.grad_accum = {micro}) must be divisible by "
             f"the mesh data x fsdp x expert = {d} x {f} x {e} = {d * f * e} devices",
         )
     if data.batch_size % jax.process_count():
@@ -234,12 +233,13 @@ def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe) -> None
         )
 
 
-def from_config_dict(cfg) -> TrainConfig:
+def from_config_dict(cfg, *, num_devices: int | None = None) -> TrainConfig:
     """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig.
 
     Cheap field checks come first; then the mesh against the devices and, for the file kinds,
     the data files (records, caption lengths, split sizes), so every config error is raised
-    before a model, checkpointer or data iterator exists.
+    before a model, checkpointer or data iterator exists. num_devices: the devices the mesh
+    is laid over (default jax.device_count(); the AOT tool passes its target's).
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     _check_finite(cfg)
@@ -336,7 +336,7 @@ def from_config_dict(cfg) -> TrainConfig:
         if x.get("buffer_factor") == 0:
             x["buffer_factor"] = None  # dropless
         mesh = _build("mesh", MeshConfig, x, "MeshConfig")
-        _check_mesh(mesh, data, opt, moe)
+        _check_mesh(mesh, data, opt, moe, num_devices or jax.device_count())
     check_splits(data)  # file kinds: reads the files; names file, line and field
     return TrainConfig(
         mesh=mesh,

@@ -70,7 +70,8 @@ def dist_config(config) -> DistConfig:
 
 def _cluster_detected() -> bool:
     env = os.environ
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    # Real host names only (libtpu may leave a warning sentence in the variable).
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h and " " not in h]
     counts = [env.get(k, "1") for k in _CLUSTER_ENV[1:]]
     return len(hosts) > 1 or any(c.isdigit() and int(c) > 1 for c in counts)
 
