@@ -50,7 +50,7 @@ def run(args) -> dict:
         state = parallel.shard_state(state, mesh)
         xs = parallel.shard_batch(x, mesh)
 
-        def loss(state, x):
+        def loss(state, x, gdef=gdef):
             y, aux = nnx.merge(gdef, state)(x)
             return jnp.mean(jnp.square(y)) + aux["aux_loss"], aux
 

@@ -37,7 +37,9 @@ def main(argv) -> None:
 
     try:
         n = len(aot.target_devices(_TARGET.value))  # the mesh is laid over the target's devices
-        report = aot.compile_train_step(from_config_dict(_CONFIG.value, num_devices=n), _TARGET.value)
+        report = aot.compile_train_step(
+            from_config_dict(_CONFIG.value, num_devices=n), _TARGET.value
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

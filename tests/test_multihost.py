@@ -133,8 +133,9 @@ def test_preempt_one_host_then_kill_one_then_resume(runs, tmp_path):
     procs[0].kill()  # its peer is gone: the cluster manager stops the survivor
     logs = [p.communicate()[0] for p in procs]
     assert f"resumed from the checkpoint at step {stops[0]}" in logs[0], logs[0]
+    assert "step 15:" in logs[0]  # process 0 was past step 15 when its peer died
     ckpts = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-    assert 15 <= ckpts[-1] < 30, ckpts
+    assert stops[0] <= ckpts[-1] < 30, ckpts
 
     codes, logs = _finish(_launch(tmp_path))
     assert codes == [0, 0], "\n".join(logs)
