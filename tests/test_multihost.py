@@ -180,3 +180,27 @@ def test_param_bytes_fall_as_fsdp_grows():
     assert w.addressable_shards[0].data.shape == (w.shape[0] // 2, w.shape[1] // 4, w.shape[2])
     got = parallel.bytes_per_device({"params": real["params"], "opt": real["opt"]})
     assert max(got.values()) == sizes[4]
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (
+            {"mesh.data": 4},
+            r"config\.mesh\.data=4 .*4 x 2 x 2 = 16 does not match the device count 8",
+        ),
+        ({"mesh.fsdp": 3}, r"config\.mesh\.fsdp=3 .*divide the device count 8"),
+        ({"mesh.expert": 8, "mesh.fsdp": 1}, r"config\.mesh\.expert=8 .*num_experts=4"),
+        ({"mesh.fsdp": 4, "mesh.expert": 4}, r"config\.mesh\.fsdp=4 .*4 x 4 must divide"),
+        ({"data.batch_size": 4}, r"config\.data\.batch_size=4 .*2 x 2 x 2 = 8"),
+        ({"dist.num_processes": 2, "dist.process_id": 2}, r"config\.dist\.process_id=2"),
+        ({"dist.coordinator_address": "localhost"}, r"config\.dist\.coordinator_address"),
+    ],
+)
+def test_bad_mesh_or_dist_is_named_before_compute(tmp_path, overrides, pattern):
+    from moe_jax import train
+
+    c = worker.config(**{"mesh.data": -1, **overrides})
+    with pytest.raises(ValueError, match=pattern):
+        train.run(c, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

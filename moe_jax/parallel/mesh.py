@@ -42,7 +42,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "b_in": ("experts", "expert_mlp"),  # MoE [N, F]
     "b_out": ("experts", "embed"),  # MoE [N, D]
     "kernel": ("fan_in", "fan_out"),  # every nnx.Linear [in, out]: attention, FFN, router, head
-    "embedding": ("vocab", "embed"),  # nnx.Embed [V, D]
+    "embedding": ("vocab", "table_embed"),  # nnx.Embed [V, D]
 }
 # The one table of partition rules: logical axis -> mesh axis (None: not split).
 RULES: dict[str, str | None] = {
@@ -51,7 +51,8 @@ RULES: dict[str, str | None] = {
     "fan_in": "fsdp",
     "expert_mlp": None,
     "fan_out": None,
-    "vocab": None,
+    "vocab": "fsdp",  # the embedding table is split by rows (the lookup stays batch-split)
+    "table_embed": None,
 }
 
 

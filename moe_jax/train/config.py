@@ -209,6 +209,12 @@ def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe, n: int)
                 f"XLA_FLAGS=--xla_force_host_platform_device_count=N (set before jax starts) or "
                 f"config.dist.local_devices",
             )
+    if n % (mesh.fsdp * mesh.expert):
+        raise _field_error(
+            "mesh.fsdp",
+            mesh.fsdp,
+            f"fsdp x expert = {mesh.fsdp} x {mesh.expert} must divide the device count {n}",
+        )
     try:
         d, f, e = mesh.shape(n)
     except ValueError as err:
