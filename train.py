@@ -8,7 +8,8 @@
 Re-running with the same workdir resumes from its latest complete checkpoint. SIGTERM saves a
 checkpoint at the current step and exits with status 0; a NaN/Inf loss exits with status 1;
 an invalid config or data file prints one line `error: <message naming the field>` and exits
-with status 2. Switching router on the command line (--config.moe.router=topk) drops the
+with status 2. Multi-host: the same command on every host with the same --workdir; see README
+"Training across hosts" (config.dist.* and config.mesh.*). Switching router on the command line (--config.moe.router=topk) drops the
 file's null-router moe.rho / moe.num_null_experts unless they are given too
 (moe_jax.train.config.cli_overrides).
 """
@@ -44,6 +45,7 @@ def main(argv):
     )
     workdir = _WORKDIR.value or os.path.join("workdir", config.get("name", "run"))
     try:  # every config and data-file error, before anything is built: one line, status 2
+        train.multihost.initialize(config)  # several processes: before any device is touched
         cfg = train.from_config_dict(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -31,6 +31,9 @@ Launch:
   python train.py --config=configs/default.py:xmoe_dense --workdir=/tmp/xd
   python experiments/eval_sweep.py --run=xmoe_dense@/tmp/xd --t_eval=1.0,0.9,0.7,0.5
   python train.py --config=configs/default.py --config.mesh.expert=4   # expert parallel
+  python train.py --config=configs/default.py:smoke --config.mesh.fsdp=2 --config.mesh.expert=2 \
+      --config.dist.coordinator_address=127.0.0.1:1234 --config.dist.num_processes=2 \
+      --config.dist.process_id=0 --config.dist.local_devices=4 --workdir=/tmp/mh  # and id 1
   tensorboard --logdir=./workdir        # the viewer: pip install -e ".[tensorboard]"
   python train.py --config=configs/default.py:lm --config.init.hf=/path/to/checkpoint \
       --config.init.granularity=4 --config.data.kind=text "--config.data.paths=('a.jsonl',)"
@@ -121,7 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = x = ml_collections.ConfigDict()
     x.expert = 0  # expert-parallel mesh axis size (divides N and the device count); 0 = off
-    x.data = -1  # data-parallel axis size; -1 = all devices / expert (used when expert > 0)
+    x.fsdp = 1  # parameter-shard axis size (non-expert and expert weights split over it)
+    x.data = -1  # data-parallel axis size; -1 = devices / (fsdp * expert)
     x.buffer_factor = 2.0  # EP send buffer over expected real rows; 0 = dropless (worst case)
     x.exchange = "auto"  # EP row exchange: auto | ragged (TPU/GPU) | padded (any platform)
 
@@ -130,6 +134,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     i.granularity = 1  # g: each dense FFN becomes experts of hidden F/g (sets moe.d_ff)
     i.reinit_fraction = 0.3  # share of each expert's hidden units re-initialized
     i.output_scale = 1.0  # multiplies the experts' w_out (g: uniform gates give the dense FFN)
+
+    c.dist = t = ml_collections.ConfigDict()
+    t.coordinator_address = placeholder(str)  # "host:port" of process 0; None = environment
+    t.num_processes = placeholder(int)  # processes in the run; None = environment or 1
+    t.process_id = placeholder(int)  # this process in [0, num_processes); None = environment
+    t.local_devices = placeholder(int)  # CPU only: devices per process (local multi-process)
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "shapes"  # shapes | shapes_text | manifest | text

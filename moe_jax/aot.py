@@ -36,7 +36,10 @@ def main(argv) -> None:
     from moe_jax.train.config import from_config_dict
 
     try:
-        report = aot.compile_train_step(from_config_dict(_CONFIG.value), _TARGET.value)
+        n = len(aot.target_devices(_TARGET.value))  # the mesh is laid over the target's devices
+        report = aot.compile_train_step(
+            from_config_dict(_CONFIG.value, num_devices=n), _TARGET.value
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -213,7 +213,7 @@ def test_mesh_larger_than_the_devices_says_how_to_get_cpu_devices():
 def test_batch_not_divisible_by_the_mesh_names_batch_size():
     # conftest gives 8 CPU devices: data x expert = 2 x 4; batch 4 does not split over 8.
     c = _train_dict(**{"mesh.expert": 4, "data.batch_size": 4, "data.n_eval": 16})
-    with pytest.raises(ValueError, match=r"config\.data\.batch_size=4 .*2 x 4 = 8"):
+    with pytest.raises(ValueError, match=r"config\.data\.batch_size=4 .*2 x 1 x 4 = 8"):
         from_config_dict(c)
 
 

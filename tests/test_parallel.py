@@ -34,10 +34,12 @@ CONFIGS = {
     # gamma = N makes C = T_local, so per-shard capacity drops nothing and one device agrees.
     "threshold": dict(router="threshold", threshold=0.6, router_init_std=1.0),
 }
-MESHES = [(8, 1), (2, 4), (1, 8)]
+MESHES = [(8, 1, 1), (2, 1, 4), (1, 1, 8), (2, 2, 2), (1, 4, 2), (1, 8, 1)]  # data, fsdp, expert
 BACKENDS = ["dense", "ragged", "tiled"]
 # Latin square: (router, mesh) -> backend, so each backend meets each router and each mesh.
 CASES = [(r, MESHES[m], BACKENDS[(i + m) % 3]) for i, r in enumerate(CONFIGS) for m in range(3)]
+# FSDP meshes (expert weights split over "fsdp" too, gathered at the shard_map boundary).
+CASES += [(r, MESHES[3 + i], BACKENDS[i]) for i, r in enumerate(CONFIGS)]
 
 
 def _has_backend(name):
@@ -93,8 +95,13 @@ def _assert_tree_close(a, b, what, rtol=2e-5, atol=2e-6):
 def test_ep_matches_single_device(router, mesh, backend):
     if not _has_backend(backend):
         backend = "ragged"
-    ep_cfg = parallel.MeshConfig(data=mesh[0], expert=mesh[1], buffer_factor="dropless")
-    y, aux, g_state, g_x = _run(_layer(router, backend, ep_cfg), *_inputs())
+    ep_cfg = parallel.MeshConfig(
+        data=mesh[0], fsdp=mesh[1], expert=mesh[2], buffer_factor="dropless"
+    )
+    layer = _layer(router, backend, ep_cfg)
+    layer_state = parallel.shard_state(nnx.state(layer), layer.parallel.mesh)
+    nnx.update(layer, layer_state)  # params stored by the partition rules (fsdp split)
+    y, aux, g_state, g_x = _run(layer, *_inputs())
     y0, aux0, g_state0, g_x0 = _reference(router)
     assert float(aux["ep_overflow_fraction"]) == 0.0
     np.testing.assert_allclose(y, y0, rtol=2e-5, atol=2e-6)
@@ -232,7 +239,7 @@ def test_ragged_exchange_matches_padded(monkeypatch):
 
 def test_explicit_axes_mesh():
     mc = parallel.MeshConfig(data=2, expert=4, buffer_factor="dropless")
-    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    explicit = (jax.sharding.AxisType.Explicit,) * 3
     layer = _layer("topk", "ragged")
     layer.parallel = parallel.ExpertParallel(parallel.make_mesh(mc, axis_types=explicit), mc)
     gdef, state = nnx.split(layer)
@@ -244,8 +251,8 @@ def test_explicit_axes_mesh():
 def test_param_and_batch_placement():
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, expert=4))
     state = parallel.shard_state(nnx.state(_layer("null")), mesh)
-    assert state["w_in"][...].sharding.spec == parallel.spec("expert_weights")
-    assert state["router"]["kernel"][...].sharding.spec == parallel.spec("replicated")
+    assert state["w_in"][...].sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp")
+    assert state["router"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("fsdp")
     assert len(state["w_in"][...].addressable_shards[0].data) == N // 4
     xb = parallel.shard_batch(_inputs()[0], mesh)
     assert xb.addressable_shards[0].data.shape == (B // 8, L, D)
@@ -256,8 +263,14 @@ def test_param_and_batch_placement():
 def test_clear_errors():
     with pytest.raises(ValueError, match="does not match the device count"):
         parallel.make_mesh(parallel.MeshConfig(data=2, expert=2))
+    with pytest.raises(ValueError, match="does not match the device count"):
+        parallel.make_mesh(parallel.MeshConfig(data=1, expert=2, fsdp=2))
     with pytest.raises(ValueError, match="does not divide the device count"):
         parallel.make_mesh(parallel.MeshConfig(expert=3))
+    with pytest.raises(ValueError, match="fsdp x expert = 3 x 1"):
+        parallel.make_mesh(parallel.MeshConfig(fsdp=3))
+    with pytest.raises(ValueError, match=r"MeshConfig\.fsdp=0"):
+        parallel.MeshConfig(fsdp=0)
     with pytest.raises(ValueError, match="buffer_factor"):
         parallel.MeshConfig(buffer_factor=0)
     with pytest.raises(ValueError, match="exchange"):

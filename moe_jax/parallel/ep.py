@@ -2,7 +2,9 @@
 
 ``ep_forward(xt, logits, modality, selection_bias, params, cfg, ep, train=...)`` is a pure
 function of arrays; the MoE layer calls it instead of the single-device path and assembles
-aux itself. Everything runs inside ONE ``jax.shard_map`` over the ("data", "expert") mesh.
+aux itself. Everything runs inside ONE ``jax.shard_map`` over the ("data", "fsdp", "expert")
+mesh; tokens are split over all three axes, rows travel over "expert" only, and each expert
+shard's weights enter whole (stored split over "fsdp" too, they are gathered at the boundary).
 Per shard:
   1. route its own T_loc tokens (logits come in token-split; balance counts and statistics are
      psum'd over the mesh, so lb_scope="global" is the loss of the global batch);

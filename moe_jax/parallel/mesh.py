@@ -1,9 +1,15 @@
-"""Meshes, partition specs by name, placement of parameters and batches, EP buffer sizing.
+"""Meshes, partition rules by logical axis, placement of parameters and batches, EP buffers.
 
-Mesh axes are fixed: ``data`` (batch) and ``expert`` (experts; tokens are split over it too).
-Tokens are split over ("data", "expert"), expert weights over "expert" on the N axis, and the
-router and shared expert are replicated. The expert-parallel forward (moe_jax.parallel.ep)
-runs inside one ``jax.shard_map``; a layer opts in with
+Mesh axes are fixed: ``data`` (batch only), ``fsdp`` (batch and parameter shards) and
+``expert`` (experts; tokens are split over it too). Tokens (the leading batch axis of every
+activation) are split over all three. Parameters are placed by one table: each parameter name
+has logical axes (PARAM_AXES) and each logical axis maps to at most one mesh axis (RULES), so
+non-expert weights shard over "fsdp", expert weights [N, D, F] over "expert" (N) and "fsdp"
+(D), and the optimizer state follows the parameters (its leaves carry the parameter names).
+A dimension the mesh axis does not divide stays whole. The expert-parallel forward
+(moe_jax.parallel.ep) runs inside one ``jax.shard_map`` whose in_specs hold each expert shard's
+weights whole over "fsdp": the FSDP gather happens at its boundary (and its transpose, a
+reduce-scatter of the gradients, on the way back). A layer opts in with
 ``MoE(cfg, rngs=..., parallel=ExpertParallel(mesh))`` or ``moe_jax.moe.set_parallel(model, ep)``.
 """
 
@@ -17,25 +23,36 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "expert")
-BATCH_AXES = ("data", "expert")  # tokens (leading batch axis) are split over both mesh axes
+AXES = ("data", "fsdp", "expert")
+BATCH_AXES = AXES  # tokens (leading batch axis) are split over every mesh axis
 EXCHANGES = ("auto", "ragged", "padded")
 
-# Partition specs, declared once and looked up by name.
+# Partition specs of activations and of the expert-parallel shard_map, looked up by name.
 SPECS: dict[str, P] = {
     "tokens": P(BATCH_AXES),  # [B, ...] or [T, ...]: split over every mesh axis
-    "expert_weights": P("expert"),  # [N, ...]: each expert shard owns N / expert experts
-    "replicated": P(),  # router, shared expert, everything dense
+    "expert_weights": P("expert"),  # [N, ...] inside the EP shard_map: N / expert experts, whole
+    "replicated": P(),  # scalars, norms, biases
 }
-# Which parameters get which spec, by the parameter's own name (the last key of its path).
-# Everything not listed is "replicated". FSDP of dense weights would add a spec (e.g.
-# "fsdp": P(None, "data")) and rules here; nothing else needs to change.
-PARAM_RULES: dict[str, str] = {
-    "w_in": "expert_weights",
-    "w_gate": "expert_weights",
-    "w_out": "expert_weights",
-    "b_in": "expert_weights",
-    "b_out": "expert_weights",
+# Logical axes of each parameter, by the parameter's own name (the last key of its path).
+# Parameters not listed (norm scales, biases, router selection biases) are replicated.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "w_in": ("experts", "embed", "expert_mlp"),  # MoE [N, D, F]
+    "w_gate": ("experts", "embed", "expert_mlp"),  # MoE [N, D, F]
+    "w_out": ("experts", "expert_mlp", "embed"),  # MoE [N, F, D]
+    "b_in": ("experts", "expert_mlp"),  # MoE [N, F]
+    "b_out": ("experts", "embed"),  # MoE [N, D]
+    "kernel": ("fan_in", "fan_out"),  # every nnx.Linear [in, out]: attention, FFN, router, head
+    "embedding": ("vocab", "table_embed"),  # nnx.Embed [V, D]
+}
+# The one table of partition rules: logical axis -> mesh axis (None: not split).
+RULES: dict[str, str | None] = {
+    "experts": "expert",
+    "embed": "fsdp",
+    "fan_in": "fsdp",
+    "expert_mlp": None,
+    "fan_out": None,
+    "vocab": "fsdp",  # the embedding table is split by rows (the lookup stays batch-split)
+    "table_embed": None,
 }
 
 
@@ -59,18 +76,21 @@ class MeshConfig:
     aux["ep_overflow_fraction"].
     """
 
-    data: int | None = -1  # data-parallel size; -1 / None = all devices / expert
+    data: int | None = -1  # data-parallel size; -1 / None = devices / (fsdp * expert)
     expert: int = 1  # expert-parallel size; must divide N and the device count
     buffer_factor: float | str | None = 2.0  # EP buffer over expected real rows; None = dropless
     exchange: str = "auto"  # auto (ragged on TPU/GPU, padded on CPU) | ragged | padded
+    fsdp: int = 1  # parameter-shard size: non-expert weights split over it, expert weights too
 
     def __post_init__(self):
         if self.data is not None and (
             not isinstance(self.data, int) or (self.data < 1 and self.data != -1)
         ):
             raise ValueError(f"MeshConfig.data={self.data!r} is invalid: an integer >= 1, or -1")
-        if not isinstance(self.expert, int) or self.expert < 1:
-            raise ValueError(f"MeshConfig.expert={self.expert!r} is invalid: an integer >= 1")
+        for name in ("expert", "fsdp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MeshConfig.{name}={v!r} is invalid: an integer >= 1")
         bf = self.buffer_factor
         if bf is not None and bf != "dropless" and (isinstance(bf, str) or not bf > 0):
             raise ValueError(
@@ -85,30 +105,31 @@ class MeshConfig:
     def dropless(self) -> bool:
         return self.buffer_factor in (None, "dropless")
 
-    def shape(self, num_devices: int) -> tuple[int, int]:
-        """(data, expert) for `num_devices` devices; raises if they do not match."""
-        if num_devices % self.expert:
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, expert) for `num_devices` devices; raises if they do not match."""
+        inner = self.fsdp * self.expert
+        if num_devices % inner:
             raise ValueError(
-                f"MeshConfig.expert={self.expert} does not divide the device count {num_devices}; "
-                "on CPU, get N devices with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                "(set before jax starts)"
+                f"MeshConfig.fsdp x expert = {self.fsdp} x {self.expert} = {inner} does not "
+                f"divide the device count {num_devices}; on CPU, get N devices with "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N (set before jax starts)"
             )
-        data = num_devices // self.expert if self.data in (None, -1) else self.data
-        if data * self.expert != num_devices:
+        data = num_devices // inner if self.data in (None, -1) else self.data
+        if data * inner != num_devices:
             raise ValueError(
-                f"mesh data x expert = {data} x {self.expert} = {data * self.expert} does not "
-                f"match the device count {num_devices}"
+                f"mesh data x fsdp x expert = {data} x {self.fsdp} x {self.expert} = "
+                f"{data * inner} does not match the device count {num_devices}"
             )
-        return data, self.expert
+        return data, self.fsdp, self.expert
 
 
 def make_mesh(
     config: MeshConfig | None = None,
     *,
     devices=None,
-    axis_types: tuple[AxisType, ...] = (AxisType.Auto, AxisType.Auto),
+    axis_types: tuple[AxisType, ...] = (AxisType.Auto,) * len(AXES),
 ) -> Mesh:
-    """A ("data", "expert") mesh over `devices` (default: all global devices).
+    """A ("data", "fsdp", "expert") mesh over `devices` (default: all global devices).
 
     Axis types are always passed explicitly; the default Auto lets jit reshard unplaced inputs.
     With Explicit axes, the layer reshards its inputs itself before the shard_map.
@@ -149,11 +170,15 @@ class ExpertParallel:
         return self.mesh.shape["expert"]
 
     @property
+    def fsdp_size(self) -> int:
+        return self.mesh.shape["fsdp"]
+
+    @property
     def num_shards(self) -> int:
-        return self.data_size * self.expert_size
+        return self.data_size * self.fsdp_size * self.expert_size
 
     def check(self, moe_config, num_batch: int) -> None:
-        """Clear errors before any compute: N vs expert axis, batch vs data*expert, axes."""
+        """Clear errors before any compute: N vs expert axis, batch vs the mesh, axes."""
         n, ep = moe_config.num_experts, self.expert_size
         if n % ep:
             raise ValueError(
@@ -161,8 +186,8 @@ class ExpertParallel:
             )
         if num_batch % self.num_shards:
             raise ValueError(
-                f"batch size {num_batch} is not divisible by data x expert = "
-                f"{self.data_size} x {ep} = {self.num_shards}"
+                f"batch size {num_batch} is not divisible by data x fsdp x expert = "
+                f"{self.data_size} x {self.fsdp_size} x {ep} = {self.num_shards}"
             )
         lb_axes = lb_axis_names(moe_config)
         unknown = [a for a in lb_axes if a not in AXES]
@@ -190,31 +215,65 @@ def lb_axis_names(moe_config) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # Placing parameters and batches.
 # ---------------------------------------------------------------------------------------------
-def param_spec(path: tuple, value) -> P:
-    """Spec for one parameter from its path (rules by the last key; scalars replicated)."""
+def _param_name(path: tuple) -> str | None:
     keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
     names = [k for k in keys if isinstance(k, str) and k != "value"]
-    rule = PARAM_RULES.get(names[-1], "replicated") if names else "replicated"
-    if getattr(value, "ndim", 0) == 0:
-        rule = "replicated"
-    return spec(rule)
+    return names[-1] if names else None
+
+
+def param_spec(path: tuple, value, mesh: Mesh | None = None) -> P:
+    """Spec of one parameter (or optimizer-state leaf) from its path: its name's logical axes
+    (PARAM_AXES) through RULES. With `mesh`, a dimension its mesh axis does not divide is not
+    split; scalars and unlisted names are replicated."""
+    shape = tuple(getattr(value, "shape", ()))
+    axes = PARAM_AXES.get(_param_name(path))
+    if not shape or axes is None or len(axes) != len(shape):
+        return P()
+    out = []
+    for dim, logical in zip(shape, axes):
+        axis = RULES[logical]
+        if axis is not None and mesh is not None and dim % mesh.shape[axis]:
+            axis = None
+        out.append(axis)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
 
 
 def state_shardings(state, mesh: Mesh):
     """NamedSharding for every leaf of an nnx State (or any pytree of arrays)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, v: NamedSharding(mesh, param_spec(p, v)), state
+        lambda p, v: NamedSharding(mesh, param_spec(p, v, mesh)), state
     )
 
 
 def shard_state(state, mesh: Mesh):
-    """Place an nnx State (or pytree) on the mesh: expert weights split, the rest replicated."""
+    """Place an nnx State (or pytree) on the mesh by the partition rules (one process)."""
     return jax.device_put(state, state_shardings(state, mesh))
 
 
 def shard_batch(x, mesh: Mesh):
-    """Place a global batch (every process holds all of it) split over ("data", "expert")."""
+    """Place a global batch (every process holds all of it) split over the batch axes."""
     return jax.device_put(x, NamedSharding(mesh, spec("tokens")))
+
+
+def bytes_per_device(tree) -> dict:
+    """{device: bytes} of every array in `tree` (arrays or ShapeDtypeStructs with shardings),
+    counted from each leaf's sharding: the shard shape times the item size."""
+    out: dict = {}
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            continue
+        itemsize = np.dtype(x.dtype).itemsize if not _is_key(x) else 8
+        nbytes = math.prod(sharding.shard_shape(tuple(x.shape))) * itemsize
+        for d in sharding.device_set:
+            out[d] = out.get(d, 0) + nbytes
+    return out
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def expected_rows_per_token(moe_config, num_tokens: int, *, train: bool = True) -> float:

@@ -5,7 +5,17 @@
     result = train.run(config_dict, workdir)   # what train.py runs
 """
 
-from moe_jax.train import checkpoint, config, loop, metrics, plots, step, sweep, workdir
+from moe_jax.train import (
+    checkpoint,
+    config,
+    loop,
+    metrics,
+    multihost,
+    plots,
+    step,
+    sweep,
+    workdir,
+)
 from moe_jax.train.checkpoint import CheckpointMismatchError
 from moe_jax.train.config import TrainConfig, from_config_dict
 from moe_jax.train.loop import Hook, Loop, run
@@ -38,6 +48,7 @@ __all__ = [
     "loop",
     "make_optimizer",
     "metrics",
+    "multihost",
     "plots",
     "run",
     "step",

@@ -44,6 +44,11 @@ def _targets():
     return targets
 
 
+def target_devices(target: str) -> list:
+    """The compile-only devices of `target` (ValueError: unknown target / topology)."""
+    return _targets().compile_only_devices(target)
+
+
 def compile_train_step(cfg: TrainConfig, target: str) -> dict:
     """Compile cfg's train step for `target`; returns the report as a dict (see module doc)."""
     targets = _targets()

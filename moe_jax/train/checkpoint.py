@@ -16,6 +16,12 @@ killed before its manifest was written restores unverified (a warning says so). 
 files verify but whose arrays do not fit the target state is not corrupt: the structure
 changed (another config), and CheckpointMismatchError is raised without renaming anything.
 A restored state whose parameters are not all finite is set aside too.
+
+Several processes: every process calls save / restore with the same global arrays (orbax
+writes each process's shards and process 0 commits the step) and its own grain iterator
+(stored per process as data/process_<i>-of-<n>.json). Process 0 alone writes the manifests and
+renames set-aside steps; the others wait for it at a barrier, so all of them restore the same
+step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from moe_jax.train.step import all_finite
 
@@ -122,6 +129,7 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "data")
         )
         self.async_save = async_save
+        self._main = jax.process_index() == 0
         self._unsealed: list[int] = []  # saved steps without a checksum manifest yet
 
     def should_save(self, step: int) -> bool:
@@ -144,8 +152,8 @@ class Checkpointer:
             self._seal(self._unsealed)
 
     def _seal(self, steps: list[int]) -> None:
-        """Writes the checksum manifest of each finished step that still exists."""
-        for step in steps:
+        """Writes the checksum manifest of each finished step that still exists (process 0)."""
+        for step in steps if self._main else ():
             step_dir = os.path.join(self.directory, str(step))
             if os.path.isdir(step_dir):
                 write_manifest(step_dir)
@@ -224,8 +232,10 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> None:
         path = os.path.join(self.directory, str(step))
-        if os.path.isdir(path):
+        if self._main and os.path.isdir(path):
             os.replace(path, f"{path}.corrupt")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moe_jax checkpoint set aside {step}")
         self.manager.reload()
 
     def wait(self) -> None:

@@ -26,6 +26,7 @@ from moe_jax.model import ModelConfig
 from moe_jax.parallel import MeshConfig
 from moe_jax.train import hf_init
 from moe_jax.train.hf_init import InitConfig
+from moe_jax.train.multihost import DistConfig, dist_config
 
 SCHEDULES = ("cosine", "wsd", "constant")
 # ModelConfig fields that come from the data section or the tokenizer, not from config.model.
@@ -125,8 +126,9 @@ class TrainConfig:
     opt: OptConfig
     ckpt: CkptConfig
     log: LogConfig
-    mesh: MeshConfig | None = None  # expert-parallel mesh; None = plain jit on one device
+    mesh: MeshConfig | None = None  # (data, fsdp, expert) mesh; None = plain jit on one device
     init: InitConfig | None = None  # parameters from a checkpoint (init.hf); None = random
+    dist: DistConfig = DistConfig()  # how the processes of a multi-host run find each other
 
     @property
     def moe(self) -> MoEConfig | None:
@@ -199,40 +201,58 @@ def _check_finite(cfg: Mapping) -> None:
                 raise _field_error(key if sub is None else f"{key}.{sub}", v, NOT_FINITE)
 
 
-def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig) -> None:
-    """The mesh against this process's devices and the batch: before any model is built."""
-    n = jax.device_count()
-    if mesh.expert > n or n % mesh.expert:
+def _check_mesh(mesh: MeshConfig, data: DataConfig, opt: OptConfig, moe, n: int) -> None:
+    """The mesh against the n (global) devices, the experts and the batch: before any model."""
+    for name in ("fsdp", "expert"):
+        if n % getattr(mesh, name):
+            raise _field_error(
+                f"mesh.{name}",
+                getattr(mesh, name),
+                f"must divide the device count {n}; on CPU, get N devices with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count=N (set before jax starts) or "
+                f"config.dist.local_devices",
+            )
+    if n % (mesh.fsdp * mesh.expert):
         raise _field_error(
-            "mesh.expert",
-            mesh.expert,
-            f"must divide the device count {n}; on CPU, get N devices with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count=N (set before jax starts)",
+            "mesh.fsdp",
+            mesh.fsdp,
+            f"fsdp x expert = {mesh.fsdp} x {mesh.expert} must divide the device count {n}",
         )
     try:
-        d, e = mesh.shape(n)
+        d, f, e = mesh.shape(n)
     except ValueError as err:
         raise _field_error("mesh.data", mesh.data, str(err)) from None
+    if moe is not None and moe.num_experts % e:
+        raise _field_error(
+            "mesh.expert", e, f"must divide config.moe.num_experts={moe.num_experts}"
+        )
     micro = data.batch_size // opt.grad_accum
-    if micro % (d * e):
+    if micro % (d * f * e):
         raise _field_error(
             "data.batch_size",
             data.batch_size,
-            f"each micro-batch (batch_size / opt.grad_accum = {micro}) must split evenly over "
-            f"the mesh data x expert = {d} x {e} = {d * e} devices",
+            f"each micro-batch (batch_size / opt.grad_accum = {micro}) must be divisible by "
+            f"the mesh data x fsdp x expert = {d} x {f} x {e} = {d * f * e} devices",
+        )
+    if data.batch_size % jax.process_count():
+        raise _field_error(
+            "data.batch_size",
+            data.batch_size,
+            f"must split evenly over the {jax.process_count()} processes",
         )
 
 
-def from_config_dict(cfg) -> TrainConfig:
+def from_config_dict(cfg, *, num_devices: int | None = None) -> TrainConfig:
     """Validates a ConfigDict (or nested mapping) and converts it to a TrainConfig.
 
     Cheap field checks come first; then the mesh against the devices and, for the file kinds,
     the data files (records, caption lengths, split sizes), so every config error is raised
-    before a model, checkpointer or data iterator exists.
+    before a model, checkpointer or data iterator exists. num_devices: the devices the mesh
+    is laid over (default jax.device_count(); the AOT tool passes its target's).
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     _check_finite(cfg)
-    sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh", "init")
+    sections = ("model", "moe", "data", "opt", "ckpt", "log", "mesh", "init", "dist")
     top = ("name", "seed", "num_steps", "fail_at_step")
     unknown = sorted(set(cfg) - set(sections) - set(top))
     if unknown:
@@ -264,7 +284,7 @@ def from_config_dict(cfg) -> TrainConfig:
     e = _section(cfg, "moe")
     _check_keys("moe", e, ("enabled", *(set(_fields(MoEConfig)) - set(_MOE_DERIVED))))
     m = _section(cfg, "model")
-    _check_keys("model", m, set(_fields(ModelConfig)) - set(_MODEL_DERIVED))
+    _check_keys("model", m, (set(_fields(ModelConfig)) - set(_MODEL_DERIVED)) | {"vocab_size"})
     enabled = e.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise _field_error("moe.enabled", enabled, "must be True or False")
@@ -280,12 +300,23 @@ def from_config_dict(cfg) -> TrainConfig:
     if "d_model" not in m:
         raise ValueError("config.model.d_model is missing")
     moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
+    if init is None:
+        vocab = make_tokenizer(data).vocab_size
+        if m.get("vocab_size") is not None:  # a padded vocabulary (e.g. 32000 on a pod)
+            if not (_is_int(m["vocab_size"]) and m["vocab_size"] >= vocab):
+                raise _field_error(
+                    "model.vocab_size",
+                    m["vocab_size"],
+                    f"None or an int >= the tokenizer's {vocab}",
+                )
+            vocab = m["vocab_size"]
+    m.pop("vocab_size", None)
     model = _build(
         "model",
         ModelConfig,
         {
             **m,
-            "vocab_size": make_tokenizer(data).vocab_size if init is None else vocab,
+            "vocab_size": vocab,
             "image_size": data.image_size,
             "patch_size": data.patch_size,
             "channels": 3,
@@ -317,22 +348,24 @@ def from_config_dict(cfg) -> TrainConfig:
             data.n_eval,
             f"must be >= config.data.batch_size={data.batch_size} to eval",
         )
+    dist = dist_config(cfg)
     mesh = None
     x = dict(cfg.get("mesh") or {})
-    _check_keys("mesh", x, ("expert", "data", "buffer_factor", "exchange"))
-    if x.get("expert", 0):
+    _check_keys("mesh", x, ("expert", "data", "fsdp", "buffer_factor", "exchange"))
+    # The mesh is on with expert parallelism, FSDP or several processes; expert 0 means 1 then.
+    if x.get("expert", 0) or x.get("fsdp", 1) != 1 or jax.process_count() > 1:
+        if x.get("expert", 0) and moe is None:
+            raise _field_error("mesh.expert", x["expert"], "needs an MoE model (0 without one)")
+        x["expert"] = x.get("expert", 0) or 1
         if x.get("buffer_factor") == 0:
             x["buffer_factor"] = None  # dropless
         mesh = _build("mesh", MeshConfig, x, "MeshConfig")
-        if moe is None or moe.num_experts % mesh.expert:
-            raise _field_error(
-                "mesh.expert", mesh.expert, "needs an MoE model whose num_experts it divides"
-            )
-        _check_mesh(mesh, data, opt)
+        _check_mesh(mesh, data, opt, moe, num_devices or jax.device_count())
     check_splits(data)  # file kinds: reads the files; names file, line and field
     return TrainConfig(
         init=init,
         mesh=mesh,
+        dist=dist,
         name=str(cfg.get("name", "run")),
         seed=seed,
         num_steps=num_steps,

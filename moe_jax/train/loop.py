@@ -16,21 +16,22 @@ from __future__ import annotations
 import collections
 import math
 import os
-import signal
 import time
-import zlib
 from typing import Protocol
 
+import jax
 import numpy as np
 
 from moe_jax import data as data_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel
 from moe_jax.train import metrics as metrics_lib
-from moe_jax.train import plots
+from moe_jax.train import multihost, plots
 from moe_jax.train import workdir as workdir_lib
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.config import TrainConfig, from_config_dict
+from moe_jax.train.metrics import batch_crc
+from moe_jax.train.preempt import Preemption
 from moe_jax.train.step import (
     NonFiniteLossError,
     StepSpec,
@@ -38,6 +39,7 @@ from moe_jax.train.step import (
     evaluate,
     init_state,
     make_optimizer,
+    model_graphdef,
     train_step,
 )
 
@@ -77,8 +79,11 @@ def run(
     invalid config (workdir.ConfigMismatchError on a resume with another config) and
     workdir.WorkdirBusyError when another run holds the workdir.
     """
+    if not isinstance(config, TrainConfig):
+        multihost.initialize(config)  # several processes: before anything touches a device
     cfg = config if isinstance(config, TrainConfig) else from_config_dict(config)
-    with _Preemption() as preempt:
+    multihost.check_same_config(workdir_lib.config_json(cfg))
+    with Preemption() as preempt:
         return Loop(
             cfg,
             workdir,
@@ -123,11 +128,19 @@ class Loop:
         # (step, time) of the last consumed steps: tokens/s over a window of up to 10 steps, so
         # one step read late (its successor then reads at once) does not show a spike.
         self._recent = collections.deque(maxlen=11)
+        self.main = multihost.is_main()  # the process that logs, plots and writes bookkeeping
+        self.multi = jax.process_count() > 1
+        self._agreed_stop = False  # multi-process: some process was signalled (step metrics)
 
     def run(self) -> dict:
         os.makedirs(self.workdir, exist_ok=True)
-        with workdir_lib.WorkdirLock(self.workdir):  # one run per workdir (WorkdirBusyError)
+        lock = workdir_lib.LOCK_FILE + (f".{jax.process_index()}" if self.multi else "")
+        with workdir_lib.WorkdirLock(self.workdir, lock):  # one run per workdir (and process)
             return self._run()
+
+    def _print(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
 
     def _run(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -145,10 +158,12 @@ class Loop:
                 resuming=cfg.ckpt.resume and bool(self.ckpt.steps()),
                 allow_change=self.allow_config_change,
             )
-            self.plain_graphdef, state = init_state(cfg)
-            graphdef, mesh = self.plain_graphdef, None
-            if cfg.mesh is not None:  # expert parallel: MoE layers run in one shard_map each
+            self.plain_graphdef, mesh = model_graphdef(cfg), None
+            if cfg.mesh is None:
+                graphdef, state = init_state(cfg)
+            else:  # FSDP + expert parallel: state created sharded, MoE layers in a shard_map
                 mesh = parallel.make_mesh(cfg.mesh)
+                multihost.process_slice(cfg.data.batch_size, mesh)  # rows == the data shard
                 graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
             return self._train(graphdef, mesh, state, t0)
         finally:
@@ -160,47 +175,59 @@ class Loop:
 
     def _train(self, graphdef, mesh, state, t0: float) -> dict:
         cfg = self.cfg
-        train_iter = data_lib.make_dataset(cfg.data, "train")
+        shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        train_iter = data_lib.make_dataset(cfg.data, "train", **shard)  # this process's rows
         start = 0
         if cfg.ckpt.resume and self.ckpt.steps():
             restored = self.ckpt.restore_latest(state, train_iter, changed=self.changed)
             if restored is None:  # every step unreadable: start over from a fresh iterator
-                train_iter = data_lib.make_dataset(cfg.data, "train")
+                train_iter = data_lib.make_dataset(cfg.data, "train", **shard)
             else:
                 start, state = restored
                 self.last_saved = start
-        workdir_lib.write_config(self.workdir, cfg)  # the config of the state now in memory
         report = workdir_lib.read_report(self.workdir)
+        if self.main:
+            workdir_lib.write_config(self.workdir, cfg)  # the config of the state in memory
         if start >= cfg.num_steps and report is not None:
             return self._already_done(start, state, report, t0)
-        print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg)}", flush=True)
+        self._print(f"moe_jax run '{cfg.name}' in {self.workdir}\n{summary(cfg)}")
         if start:
-            print(f"resumed from the checkpoint at step {start}", flush=True)
+            self._print(f"resumed from the checkpoint at step {start}")
         metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        metrics_lib.truncate_after(metrics_path, start)  # the steps after it are replayed
+        if self.main:
+            metrics_lib.truncate_after(metrics_path, start)  # the steps after it are replayed
         done_rows = metrics_lib.last_rows_by_step(metrics_lib.read_jsonl(metrics_path))
         if done_rows and done_rows[-1]["step"] == start:
             self.final_loss = done_rows[-1]["loss"]
-        self.writer = metrics_lib.MetricWriter(self.workdir, tensorboard=cfg.log.tensorboard)
-        self.progress = metrics_lib.Progress(
-            cfg.num_steps, start, enabled=cfg.log.progress, every=cfg.log.every_steps
+        self.writer = metrics_lib.MetricWriter(
+            self.workdir, tensorboard=cfg.log.tensorboard, enabled=self.main
         )
+        self.progress = metrics_lib.Progress(
+            cfg.num_steps, start, enabled=cfg.log.progress and self.main, every=cfg.log.every_steps,
+            quiet=not self.main,
+        )  # fmt: skip
+        self.put = None if mesh is None else (
+            lambda b: multihost.to_global(b, mesh, cfg.data.batch_size)
+        )  # fmt: skip
         tx, schedule = make_optimizer(cfg.opt, cfg.num_steps)
         kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=StepSpec(cfg.opt.grad_accum))
         fail_at = np.int32(cfg.fail_at_step)
         status, step, pending = "done", start, None
         for step in range(start + 1, cfg.num_steps + 1):
             batch = next(train_iter)
-            crc = batch_crc(batch)
-            if mesh is not None:
-                batch = parallel.shard_batch(batch, mesh)
+            crc = batch_crc(batch)  # of this process's rows
+            if self.put is not None:
+                batch = self.put(batch)
             if step == 1:  # fresh run: K*rho real experts per token from the first step
                 state = calibrate_null_state(graphdef, state, batch)
-            state, m = train_step(state, batch, fail_at, **kw)
+            flags = multihost.stop_flags(self.preempt.requested, mesh) if self.multi else None
+            state, m = train_step(state, batch, fail_at, flags, **kw)
             if pending is not None:
                 self._consume(*pending)
             pending = (step, m, crc)
-            stop = self.preempt.requested or step == self.stop_at
+            # Several processes stop at the same step: when one read a signal in the metrics.
+            signalled = self._agreed_stop if self.multi else self.preempt.requested
+            stop = signalled or step == self.stop_at
             save = self.ckpt.should_save(step) or step == cfg.num_steps or stop
             ev = cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.num_steps
             if save or ev:
@@ -210,7 +237,7 @@ class Loop:
                 self.ckpt.save(step, state, train_iter)
                 self.last_saved = step
             if ev:
-                self.writer.write(step, evaluate(cfg, graphdef, state))
+                self.writer.write(step, evaluate(cfg, graphdef, state, put=self.put))
                 self._recent.clear()  # eval time does not count against tokens/s
             if stop:
                 status = "preempted"
@@ -222,13 +249,13 @@ class Loop:
         self.progress.close()  # the report below prints under a finished bar
         result = {"status": status, "step": step, "final_loss": self.final_loss}
         if status == "done":
-            result["eval"] = evaluate(cfg, graphdef, state)
+            result["eval"] = evaluate(cfg, graphdef, state, put=self.put)
             self.writer.write(step, result["eval"])
             self.writer.flush()
             self._finish(graphdef, state, result)
             self._call_hooks("on_end", self.plain_graphdef, state)
         result["seconds"] = time.perf_counter() - t0
-        print(f"{status} at step {step} in {result['seconds']:.0f} s", flush=True)
+        self._print(f"{status} at step {step} in {result['seconds']:.0f} s")
         return result
 
     def _already_done(self, step: int, state, report: str, t0: float) -> dict:
@@ -237,10 +264,9 @@ class Loop:
         self._call_hooks("on_end", self.plain_graphdef, state)
         rows = metrics_lib.read_jsonl(self._path("metrics.jsonl"))
         train_rows, eval_rows = metrics_lib.last_rows_by_step(rows), metrics_lib.eval_rows(rows)
-        print(
+        self._print(
             f"moe_jax run '{self.cfg.name}' in {self.workdir} already finished at step {step} "
-            f"(num_steps {self.cfg.num_steps}); nothing to do. Its report:\n{report}",
-            flush=True,
+            f"(num_steps {self.cfg.num_steps}); nothing to do. Its report:\n{report}"
         )
         return {
             "status": "done",
@@ -277,13 +303,15 @@ class Loop:
                 f"Last good checkpoint: {where}"
             )
         self.final_loss = loss
+        if "stop" in m:
+            self._agreed_stop = self._agreed_stop or bool(m["stop"])
         self._call_hooks("on_step", step, m)
         tps = math.nan
         if self._recent and step > self._recent[0][0]:
             first_step, first_time = self._recent[0]
             tps = self.tokens_per_step * (step - first_step) / max(now - first_time, 1e-9)
         self._recent.append((step, now))
-        if step % cfg.log.every_steps == 0 or step == cfg.num_steps:
+        if self.main and (step % cfg.log.every_steps == 0 or step == cfg.num_steps):
             host = metrics_lib.to_host(m)
             row = {k: host[k] for k in ("loss", "aux_loss", "lr", "grad_norm")}
             row["tokens_per_s"] = tps
@@ -293,7 +321,10 @@ class Loop:
         self.progress.update(step, loss, tps if math.isfinite(tps) else 0.0)
 
     def _finish(self, graphdef, state, result: dict) -> None:
-        """Plots and the closing report (printed and stored in result["report"])."""
+        """Plots and the closing report (printed and stored in result["report"]); process 0.
+        The routing heatmap needs a forward pass of every process: one-process runs only."""
+        if not self.main:
+            return
         cfg, lines = self.cfg, []
         all_rows = metrics_lib.read_jsonl(self.writer.path)
         rows, eval_rows = metrics_lib.last_rows_by_step(all_rows), metrics_lib.eval_rows(all_rows)
@@ -323,12 +354,13 @@ class Loop:
             if "null_ratio" in (rows[-1] if rows else {}):
                 rho = cfg.moe.density if cfg.moe.router == "null" else None
                 written.append(plots.plot_null_ratio(rows, self._path("null_ratio.png"), rho=rho))
-            if cfg.moe is not None and cfg.model.mode == "vlm" and cfg.log.heatmap_images:
+            vlm = cfg.moe is not None and cfg.model.mode == "vlm"
+            if vlm and cfg.log.heatmap_images and not self.multi:
                 written.append(self._heatmap(graphdef, state, lines))
             lines.append("plots: " + ", ".join(os.path.basename(p) for p in written))
         result["report"] = "\n".join(lines)
         workdir_lib.write_report(self.workdir, result["report"])
-        print(result["report"], flush=True)
+        self._print(result["report"])
 
     def _heatmap(self, graphdef, state, lines: list[str]) -> str:
         """Real experts per patch on held-out images; also reports shape vs background patches."""
@@ -362,32 +394,3 @@ class Loop:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
-
-
-def batch_crc(batch) -> int:
-    """Fingerprint of a batch's content (tokens and image bytes): data order in the logs."""
-    crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
-    if "image" in batch:
-        crc = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes(), crc)
-    return crc
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls (installed in the main thread only)."""
-
-    def __init__(self):
-        self.requested, self._old = False, None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)

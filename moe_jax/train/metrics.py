@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -97,17 +98,28 @@ def to_host(tree):
 class MetricWriter:
     """Appends one JSON object per call to ``<workdir>/metrics.jsonl``; mirrors to TensorBoard."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        filename: str = "metrics.jsonl",
+        enabled: bool = True,
+    ):
+        """enabled=False (processes other than 0 of a multi-process run) writes nothing."""
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, filename)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.enabled = enabled
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, float | list[float]]) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
@@ -120,12 +132,14 @@ class MetricWriter:
                     self._tb.add_scalar(tag, v, step)
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -194,8 +208,17 @@ def truncate_after(path: str, step: int) -> None:
 class Progress:
     """A tqdm bar over steps showing loss and tokens/s; prints plain lines when disabled."""
 
-    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, every: int = 10):
-        self.every = every
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        *,
+        enabled: bool = True,
+        every: int = 10,
+        quiet: bool = False,
+    ):
+        """enabled: a tqdm bar, else plain lines every `every` steps; quiet: print nothing."""
+        self.every, self.quiet = every, quiet
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -208,14 +231,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(step - self._last)
             self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        elif step % self.every == 0:
+        elif step % self.every == 0 and not self.quiet:
             print(f"step {step}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", flush=True)
         self._last = step
 
     def write(self, msg: str) -> None:
         if self._bar is not None:
             self._bar.write(msg)
-        else:
+        elif not self.quiet:
             print(msg, flush=True)
 
     def close(self) -> None:
@@ -223,3 +246,11 @@ class Progress:
             self._bar.refresh()
             self._bar.close()
             self._bar = None
+
+
+def batch_crc(batch) -> int:
+    """Fingerprint of a batch's content (tokens and image bytes): data order in the logs."""
+    crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+    if "image" in batch:
+        crc = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes(), crc)
+    return crc

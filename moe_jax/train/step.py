@@ -71,39 +71,26 @@ def make_optimizer(opt: OptConfig, num_steps: int):
     return tx, schedule
 
 
-def init_state(cfg: TrainConfig, ep=None):
-    """(graphdef, state) for a fresh run; parameters are initialized under jax.jit.
-
-    ep: a parallel.ExpertParallel; its MoE layers then run expert-parallel (it is part of the
-    graphdef) and the parameters are placed on its mesh (expert weights split over "expert").
-    """
-    create = lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    abstract = nnx.eval_shape(create)
+def model_graphdef(cfg: TrainConfig, ep=None):
+    """The graphdef of cfg's model (expert parallel over ep when given); nothing is built."""
+    abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
     if ep is not None:
         set_parallel(abstract, ep)
-    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
-    if cfg.init is None:
-        params, rest = _init_params(cfg.model, cfg.seed)
-    else:  # a Hugging Face checkpoint, upcycled (moe_jax.train.hf_init)
-        params, rest = hf_upcycle.init_params(
-            cfg.init.hf,
-            cfg.model,
-            granularity=cfg.init.granularity,
-            reinit_fraction=cfg.init.reinit_fraction,
-            output_scale=cfg.init.output_scale,
-            seed=cfg.seed,
-        )
-    if ep is not None:
-        params, rest = parallel.shard_state(params, ep.mesh), parallel.shard_state(rest, ep.mesh)
+    return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def _fresh_state(cfg: TrainConfig):
+    """The train-state pytree of a fresh run (trace it under jit: it builds the whole model)."""
     tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
-    state = {
+    model = model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    params, rest = nnx.split(model, nnx.Param, ...)[1:]
+    return {
         "params": params,
         "rest": rest,
         "opt": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key(cfg.seed),
     }
-    return graphdef, state
 
 
 def calibrate_null_state(graphdef, state: dict, batch: dict) -> dict:
@@ -125,31 +112,68 @@ def _calibrated_rest(graphdef, params, rest, batch):
     return nnx.state(model, nnx.Not(nnx.Param))
 
 
-def abstract_state(cfg: TrainConfig, ep):
-    """(graphdef, state) like init_state(cfg, ep), with every leaf a jax.ShapeDtypeStruct
-    carrying its sharding on ep.mesh: the train step compiles against it and nothing is
-    materialized (moe_jax.train.aot compiles for devices this host does not have)."""
-    abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-    set_parallel(abstract, ep)
-    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+def _init_from_checkpoint(cfg: TrainConfig, ep=None):
+    """(graphdef, state) with the parameters of a Hugging Face checkpoint, upcycled
+    (moe_jax.train.hf_init), placed on ep's mesh by the partition rules when given."""
+    graphdef = model_graphdef(cfg, ep)
+    params, rest = hf_upcycle.init_params(
+        cfg.init.hf,
+        cfg.model,
+        granularity=cfg.init.granularity,
+        reinit_fraction=cfg.init.reinit_fraction,
+        output_scale=cfg.init.output_scale,
+        seed=cfg.seed,
+    )
     tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key(cfg.seed),
+    }
+    if ep is not None:
+        state = jax.device_put(state, parallel.state_shardings(state, ep.mesh))
+    return graphdef, state
 
-    def init():
+
+def init_state(cfg: TrainConfig, ep=None):
+    """(graphdef, state) for a fresh run; parameters are initialized under jax.jit.
+
+    ep: a parallel.ExpertParallel; its MoE layers then run expert-parallel (it is part of the
+    graphdef), and params and optimizer state are created already sharded on its mesh by the
+    partition rules (jit with out_shardings): no device or host ever holds a full copy.
+    With cfg.init (a Hugging Face checkpoint) the parameters are read from it instead.
+    """
+    if cfg.init is not None:
+        return _init_from_checkpoint(cfg, ep)
+    if ep is None:
+        graphdef = model_graphdef(cfg)
         params, rest = _init_params(cfg.model, cfg.seed)
-        return {
+        tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
+        state = {
             "params": params,
             "rest": rest,
             "opt": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key(cfg.seed),
         }
+        return graphdef, state
+    graphdef, abstract = abstract_state(cfg, ep)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return graphdef, jax.jit(functools.partial(_fresh_state, cfg), out_shardings=shardings)()
 
-    shapes = jax.eval_shape(init)
+
+def abstract_state(cfg: TrainConfig, ep):
+    """(graphdef, state) like init_state(cfg, ep), with every leaf a jax.ShapeDtypeStruct
+    carrying its sharding on ep.mesh: the train step compiles against it and nothing is
+    materialized (moe_jax.train.aot compiles for devices this host does not have)."""
+    shapes = jax.eval_shape(functools.partial(_fresh_state, cfg))
     shardings = parallel.state_shardings(shapes, ep.mesh)
     state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
-    return graphdef, state
+    return model_graphdef(cfg, ep), state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -171,7 +195,7 @@ def _forward(graphdef, params, rest, batch, deterministic: bool):
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "tx", "schedule", "spec"), donate_argnames=("state",)
 )
-def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec):
+def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec: StepSpec):
     """One optimizer step: value_and_grad of task loss + aux loss, accumulated over
     spec.grad_accum equal micro-batches (their gradients and metrics are averaged).
 
@@ -179,6 +203,8 @@ def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec)
     injection for tests; -1 = never). A traced argument, so it costs no recompilation.
     m["finite"] is False when the loss, the gradient norm or an updated parameter is NaN/Inf;
     that step's update is then dropped (the returned state holds the previous values).
+    stop: None, or a [devices] int32 array of each process's stop request (multi-process runs);
+    m["stop"] is then its max, so every process reads the same decision with the metrics.
     """
     step = state["step"] + 1  # the step being taken, 1-based
 
@@ -218,6 +244,8 @@ def train_step(state, batch, fail_at, *, graphdef, tx, schedule, spec: StepSpec)
     rest = keep(rest, state["rest"])
     opt_state = keep(opt_state, state["opt"])
     m = {**m, "grad_norm": grad_norm, "lr": schedule(step - 1), "finite": finite}
+    if stop is not None:
+        m["stop"] = jnp.max(stop) > 0
     new_state = {**state, "params": params, "rest": rest, "opt": opt_state, "step": step}
     return new_state, m
 
@@ -235,13 +263,18 @@ def eval_step(params, rest, batch, *, graphdef):
     return {"loss_sum": loss * count, "count": count, "moe": aux["moe"]}
 
 
-def evaluate(cfg: TrainConfig, graphdef, state) -> dict[str, float]:
-    """Mean held-out loss over log.eval_batches batches (0 = the whole split) and routing stats."""
-    it = data_lib.make_dataset(cfg.data, "eval")
+def evaluate(cfg: TrainConfig, graphdef, state, *, put=None) -> dict[str, float]:
+    """Mean held-out loss over log.eval_batches batches (0 = the whole split) and routing stats.
+
+    put: host batch -> device batch; with several processes each reads its own rows of every
+    eval batch and `put` assembles the global arrays (multihost.to_global)."""
+    count_p, index_p = jax.process_count(), jax.process_index()
+    it = data_lib.make_dataset(cfg.data, "eval", process_index=index_p, process_count=count_p)
     loss_sum, count, moe_rows = 0.0, 0.0, []
     for i, batch in enumerate(it):
         if cfg.log.eval_batches and i >= cfg.log.eval_batches:
             break
+        batch = batch if put is None else put(batch)
         out = metrics_lib.to_host(
             eval_step(state["params"], state["rest"], batch, graphdef=graphdef)
         )

@@ -43,6 +43,8 @@ ALLOW_ENV = "MOE_JAX_ALLOW_CONFIG_CHANGE"
 # Field paths (below "config.") that may differ on resume; a trailing ".*" covers a section.
 SAFE_TO_CHANGE = (
     "name",
+    "dist.coordinator_address",  # where process 0 listens may change between launches
+    "dist.process_id",  # differs per process; each compares itself with process 0's file
     "fail_at_step",
     "ckpt.every_steps",
     "ckpt.keep",
@@ -63,9 +65,10 @@ class ConfigMismatchError(ValueError):
 class WorkdirLock:
     """Exclusive flock on ``<workdir>/.lock`` while the ``with`` block runs."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, name: str = LOCK_FILE):
+        """name: the lock file; each process of a multi-process run locks its own."""
         self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.path = os.path.join(self.workdir, name)
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
