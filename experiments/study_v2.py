@@ -148,6 +148,7 @@ def _power_lines(summ: dict) -> list[str]:
         ok = n > 1 and 2 * se < RESOLUTION
         sig = n > 1 and abs(d) > 2 * se
         reached.append(ok)
+        need = math.ceil((2 * se * math.sqrt(n) / RESOLUTION) ** 2) if n > 1 else None
         rows.append(
             [
                 f"{report._label(arm)} - {report._label(base)}",
@@ -156,6 +157,7 @@ def _power_lines(summ: dict) -> list[str]:
                 f"{se:.4f}" if n > 1 else "-",
                 "yes" if ok else "no",
                 ("beyond 2 SE" if sig else "within 2 SE") if n > 1 else "one seed",
+                "-" if need is None else str(max(need, 2)),
             ]
         )
     head = [
@@ -165,6 +167,7 @@ def _power_lines(summ: dict) -> list[str]:
         "SE",
         f"2 SE < {RESOLUTION}",
         "verdict",
+        f"seeds for 2 SE < {RESOLUTION} at this paired spread",
     ]
     return report._table(head, rows)
 

@@ -46,6 +46,7 @@ SAFE_TO_CHANGE = (
     "dist.coordinator_address",  # where process 0 listens may change between launches
     "dist.process_id",  # differs per process; each compares itself with process 0's file
     "fail_at_step",
+    "model.moe.null_calibrate",  # acts before step 1 only: nothing to change on a resume
     "ckpt.every_steps",
     "ckpt.keep",
     "ckpt.async_save",
@@ -132,12 +133,20 @@ ADDED_FIELDS = {
     "model.rope_low_freq_factor": 1.0,
     "model.rope_high_freq_factor": 4.0,
     "model.rope_original_max_len": 8192,
+    "model.moe.null_kp": 0.0,
+    "dist.coordinator_address": None,
+    "dist.num_processes": None,
+    "dist.process_id": None,
+    "dist.local_devices": None,
+    "mesh.fsdp": 1,
 }
 
 
 def _older_value(stored: dict, key: str, missing):
     if key == "model.head_dim" and "model.d_model" in stored:
         return stored["model.d_model"] // stored["model.n_heads"]
+    if key == "model.moe.null_controller" and "model.moe.router" in stored:  # was sign only
+        return "sign" if stored.get("model.moe.null_bias_update_rate", 0.0) > 0 else "pi"
     return ADDED_FIELDS.get(key, missing)
 
 
