@@ -107,10 +107,10 @@ def einsum_moe(layer: MoE, x: jax.Array, capacity: int):
 
 def fwd_bwd(module: nnx.Module, call):
     """Jitted grad of sum(y * dy) + aux w.r.t. the parameters and the input."""
-    graphdef, params = nnx.split(module, nnx.Param)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # rest: e.g. the null bias
 
     def loss(params, x, dy):
-        y, aux = call(nnx.merge(graphdef, params), x)
+        y, aux = call(nnx.merge(graphdef, params, rest), x)
         return jnp.sum(y * dy) + aux
 
     return jax.jit(jax.grad(loss, argnums=(0, 1))), params

@@ -27,10 +27,10 @@ def _grads(cfg: MoEConfig, x: jax.Array, dy: jax.Array, null_bias: float | None)
     layer = MoE(cfg, rngs=nnx.Rngs(0))  # same seed: same weights for every backend
     if null_bias is not None:  # column N is the null logit; x[:, 0] == 1 makes this a bias
         layer.router.kernel[...] = layer.router.kernel[...].at[0, N].set(null_bias)
-    graphdef, params = nnx.split(layer, nnx.Param)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)  # rest: the null selection bias
 
     def loss(params, x):
-        y, aux = nnx.merge(graphdef, params)(x)
+        y, aux = nnx.merge(graphdef, params, rest)(x)
         return jnp.sum(y * dy) + aux["aux_loss"], (y, aux["num_real"])
 
     (_, (y, num_real)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
