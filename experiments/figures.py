@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,6 +20,30 @@ def _save(fig, path: str) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def write_all(runs: dict, summ: dict, fig_dir: str, heatmap_arms: tuple[str, ...]) -> list[str]:
+    """Every study figure into fig_dir (routing heatmaps for the listed arms that kept maps);
+    returns the file names written, in order."""
+    os.makedirs(fig_dir, exist_ok=True)
+    figs = {
+        "frontier.png": lambda p: frontier(runs, summ, p),
+        "loss_curves.png": lambda p: loss_curves(runs, p),
+        "null_ratio.png": lambda p: null_ratio(runs, p),
+        "controller.png": lambda p: controller(runs, p),
+        "modality.png": lambda p: modality(summ, p),
+    }
+    for arm_name in heatmap_arms:
+        if arm_name in runs and "maps" in runs[arm_name][0]:
+            k = (
+                summ[arm_name]["k_slots"]
+                if summ[arm_name]["target_null_ratio"] is not None
+                else None
+            )
+            figs[f"heatmap_{arm_name}.png"] = lambda p, n=arm_name, k=k: heatmap(runs[n][0], p, k)
+    for fname, fn in figs.items():
+        fn(os.path.join(fig_dir, fname))
+    return list(figs)
 
 
 def frontier(runs: dict, summ: dict, path: str) -> str:

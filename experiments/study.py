@@ -91,24 +91,7 @@ def run_study(a: argparse.Namespace) -> dict:
 
 def write(a, preset: arms.Preset, name: str, runs: dict, summ: dict, elapsed: float) -> None:
     fig_dir = os.path.join(a.out, name)
-    os.makedirs(fig_dir, exist_ok=True)
-    figs = {
-        "frontier.png": lambda p: figures.frontier(runs, summ, p),
-        "loss_curves.png": lambda p: figures.loss_curves(runs, p),
-        "null_ratio.png": lambda p: figures.null_ratio(runs, p),
-        "controller.png": lambda p: figures.controller(runs, p),
-        "modality.png": lambda p: figures.modality(summ, p),
-    }
-    for arm_name in ("k4_rho05", "k8_rho025", "xmoe"):
-        if arm_name in runs and "maps" in runs[arm_name][0]:
-            k = summ[arm_name]["k_slots"] if arm_name != "xmoe" else None
-            figs[f"heatmap_{arm_name}.png"] = lambda p, n=arm_name, k=k: figures.heatmap(
-                runs[n][0], p, k
-            )
-    written = []
-    for fname, fn in figs.items():
-        fn(os.path.join(fig_dir, fname))
-        written.append(fname)
+    written = figures.write_all(runs, summ, fig_dir, ("k4_rho05", "k8_rho025", "xmoe"))
     with open(os.path.join(fig_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(
             {"preset": dataclasses.asdict(preset), "seconds": elapsed, "arms": summ}, f, indent=1

@@ -110,29 +110,14 @@ def run_study(a) -> str:
 def write(a, preset: arms.Preset, name: str, runs: dict) -> str:
     summ = {n: aggregate.summarize(rs) for n, rs in runs.items()}
     fig_dir = os.path.join(a.out, name)
-    os.makedirs(fig_dir, exist_ok=True)
-    figs = {
-        "frontier.png": lambda p: figures.frontier(runs, summ, p),
-        "loss_curves.png": lambda p: figures.loss_curves(runs, p),
-        "null_ratio.png": lambda p: figures.null_ratio(runs, p),
-        "controller.png": lambda p: figures.controller(runs, p),
-        "modality.png": lambda p: figures.modality(summ, p),
-    }
-    for arm_name in ("k4_rho05", "k4_rho05_v2", "k8_rho025"):
-        if arm_name in runs and "maps" in runs[arm_name][0]:
-            k = summ[arm_name]["k_slots"]
-            figs[f"heatmap_{arm_name}.png"] = lambda p, n=arm_name, k=k: figures.heatmap(
-                runs[n][0], p, k
-            )
-    for fname, fn in figs.items():
-        fn(os.path.join(fig_dir, fname))
+    figs = figures.write_all(runs, summ, fig_dir, ("k4_rho05", "k4_rho05_v2", "k8_rho025"))
     expected = {n: _expected_flops(arms.ARMS_BY_NAME[n], preset) for n in runs}
     seconds = sum(r.get("run_seconds", 0.0) for rs in runs.values() for r in rs)
     with open(os.path.join(fig_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(
             {"preset": dataclasses.asdict(preset), "seconds": seconds, "arms": summ}, f, indent=1
         )
-    text = markdown(a, preset, name, summ, expected, list(figs), seconds)
+    text = markdown(a, preset, name, summ, expected, figs, seconds)
     path = os.path.join(a.out, f"{name}.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
