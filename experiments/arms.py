@@ -47,6 +47,16 @@ PRESETS = {
 }
 
 
+def resized(name: str, seeds: int | None = None, steps: int | None = None) -> Preset:
+    """PRESETS[name] with the seeds and steps a command line gave (None: the preset's); a
+    shorter run gets a warmup of at most an eighth of its steps."""
+    p = PRESETS[name]
+    over = {k: v for k, v in (("seeds", seeds), ("num_steps", steps)) if v is not None}
+    if "num_steps" in over:
+        over["warmup_steps"] = min(p.warmup_steps, max(over["num_steps"] // 8, 1))
+    return dataclasses.replace(p, **over)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One configuration of the FFN/MoE block."""

@@ -39,16 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _preset(a: argparse.Namespace) -> arms.Preset:
-    p = arms.PRESETS["quick" if a.quick else "default"]
-    over = {k: v for k, v in (("seeds", a.seeds), ("num_steps", a.steps)) if v is not None}
-    if "num_steps" in over:
-        over["warmup_steps"] = min(p.warmup_steps, max(over["num_steps"] // 8, 1))
-    return dataclasses.replace(p, **over)
-
-
 def run_study(a: argparse.Namespace) -> dict:
-    preset = _preset(a)
+    preset = arms.resized("quick" if a.quick else "default", a.seeds, a.steps)
     selected = [s for s in a.arms.split(",") if s] or [arm.name for arm in arms.ARMS]
     unknown = sorted(set(selected) - set(arms.ARMS_BY_NAME))
     if unknown:

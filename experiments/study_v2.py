@@ -1,16 +1,16 @@
 """Study v2: the paper's main claim (lower loss at lower rho at equal E[K]) at the default model
 size, with paired seeds and every difference reported with its standard error.
 
-    python -m experiments.study_v2                  # 5 arms x 2 seeds x 1500 steps (hours)
+    python -m experiments.study_v2                  # 6 arms x 2 seeds x 1500 steps (hours)
     python -m experiments.study_v2 --reuse          # resume: runs with a result.json are kept
     python -m experiments.study_v2 --seeds 3 --reuse   # add a seed to a finished study
     python -m experiments.study_v2 --quick          # CI size: tiny model, 60 steps
 
 Runs go seed-major (seed 0 of every arm, then seed 1, ...), so an interrupted study still has
 complete seed pairs, and the write-up (<out>/<name>.md, figures in <out>/<name>/) is rendered
-after every run. Arms: dense FFN of equal active FLOPs, K^2_1.0, K^4_0.5 and K^8_0.25 with the
-paper's recipe (L_bal alone moves the null logit), and K^4_0.5 with the first-batch null
-calibration and the pi null-ratio controller (moe.null_calibrate, moe.null_controller).
+after every seed round. Arms: dense FFN of equal active FLOPs, K^2_1.0, K^4_0.5 and K^8_0.25 with the
+paper's recipe (L_bal alone moves the null logit), and K^4_0.5 and K^8_0.25 with the first-batch
+null calibration and the pi null-ratio controller (moe.null_calibrate, moe.null_controller).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from experiments import aggregate, arms, figures, report, runner
 from moe_jax.train.config import from_config_dict
 
-ARMS = ("dense", "k2_rho1", "k4_rho05", "k8_rho025", "k4_rho05_v2")
+ARMS = ("dense", "k2_rho1", "k4_rho05", "k8_rho025", "k4_rho05_v2", "k8_rho025_v2")
 PAIRS = (  # (arm, baseline): the differences the study is about
     ("k4_rho05", "k2_rho1"),
     ("k8_rho025", "k2_rho1"),
@@ -54,14 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _preset(a) -> arms.Preset:
-    p = arms.PRESETS["v2_quick" if a.quick else "v2"]
-    over = {k: v for k, v in (("seeds", a.seeds), ("num_steps", a.steps)) if v is not None}
-    if "num_steps" in over:
-        over["warmup_steps"] = min(p.warmup_steps, max(over["num_steps"] // 8, 1))
-    return dataclasses.replace(p, **over)
-
-
 def paired_se(a: dict, b: dict, key: str = "eval_loss") -> tuple[float, float, int]:
     """Seed-paired difference a - b over the seeds both arms have: (mean, standard error, n)."""
     n = min(len(a["per_seed"][key]), len(b["per_seed"][key]))
@@ -76,7 +68,7 @@ def _expected_flops(arm: arms.Arm, preset: arms.Preset) -> float:
 
 
 def run_study(a) -> str:
-    preset = _preset(a)
+    preset = arms.resized("v2_quick" if a.quick else "v2", a.seeds, a.steps)
     selected = [s for s in a.arms.split(",") if s]
     unknown = sorted(set(selected) - set(arms.ARMS_BY_NAME))
     if unknown:
@@ -217,7 +209,7 @@ def markdown(a, preset, name, summ, expected, figs, seconds) -> str:
             "sqrt(seeds). Held-out: the same "
             f"{p.eval_batches * p.batch_size} scenes for every run.",
             "- The K^4_0.5 and K^8_0.25 arms use the paper's recipe (moe.null_calibrate=False, "
-            "no controller); the +calibration+PI arm uses the library defaults plus "
+            "no controller); the +calibration+PI arms use the library defaults plus "
             f"moe.null_bias_update_rate={arms.PI_RATE:g} (pi controller, integral gain in units of "
             "the real router logits' spread, L_bal kept over all N+M slots).",
             "",
