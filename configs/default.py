@@ -18,6 +18,9 @@ Variants (all share D, layers, data and the expert width F, so FLOPs compare dir
   lm          text-only LM on the scene captions (no images), K^4_0.5 MoE
 Modifiers:
   smoke       shrinks model, data and steps so a run takes seconds (tests)
+  fine        fine-grained experts at the same active FLOPs: 4x the experts at a quarter of the
+              width and 4x the slots (default,fine = K^16_0.5 over N=32 experts of F/4;
+              k2_rho1,fine = K^8_1.0; topk,fine = top-8); dense, switch and XMoE are unchanged
 
 Launch:
   python train.py                                         # default, ./workdir/default
@@ -58,7 +61,7 @@ VARIANTS = (
     "dense",
     "lm",
 )
-MODIFIERS = ("smoke",)
+MODIFIERS = ("smoke", "fine")
 
 
 def _parse(arg: str | None) -> tuple[str, set[str]]:
@@ -185,6 +188,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.heatmap_images = 4  # held-out images in the routing heatmap
 
     _apply_variant(c, variant)
+    if "fine" in mods:
+        _apply_fine(c, variant)
     if "smoke" in mods:
         _apply_smoke(c, variant)
     return c
@@ -215,6 +220,13 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     elif variant == "lm":
         c.model.mode = "lm"
         c.data.kind = "shapes_text"
+
+
+def _apply_fine(c: ml_collections.ConfigDict, variant: str, g: int = 4) -> None:
+    if variant in ("xmoe", "xmoe_dense", "dense", "switch"):
+        return  # already fine-grained, no experts, or one expert per token by definition
+    e = c.moe
+    e.num_experts, e.d_ff, e.top_k = g * e.num_experts, e.d_ff // g, g * e.top_k
 
 
 def _apply_smoke(c: ml_collections.ConfigDict, variant: str) -> None:

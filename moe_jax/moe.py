@@ -164,7 +164,8 @@ class MoE(nnx.Module):
         if self.selection_bias is not None and train:
             aux["null_bias"] = bias[-1] if cfg.router == "null" else jnp.zeros(())
             if (cfg.bias_update_rate > 0 or cfg.null_bias_update_rate > 0) and not self.calibrating:
-                self._step_controllers(bias, logits, aux)
+                with jax.named_scope("controllers"):
+                    self._step_controllers(bias, logits, aux)
         return y.reshape(*lead, cfg.d_model).astype(x.dtype), aux
 
     def _step_controllers(self, bias: jax.Array, logits: jax.Array, aux: dict) -> None:
@@ -255,7 +256,8 @@ def local_forward(
             activation=cfg.activation,
             backend=cfg.backend,
         )  # [T, D]
-    st = stats.routing_stats(cfg, r, modality, axis)
+    with jax.named_scope("routing_stats"):
+        st = stats.routing_stats(cfg, r, modality, axis)
     return y, r.lb_loss, r.z_loss, st, r.expert_ids
 
 

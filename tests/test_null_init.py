@@ -37,6 +37,13 @@ def test_calibrated_bias_hits_the_target_ratio(top_k, num_nulls):
     assert abs(ratio - reachable) <= 1.5 / t
     plain = routing.null_router(logits, top_k=top_k, num_nulls=num_nulls)
     assert abs(float(jnp.mean(plain.null_slots)) / top_k - target) > 0.05  # it had to move
+    # The null entry is replaced, not shifted: starting from a set bias (a calibrated or
+    # controller-moved layer, with per-expert biases too) gives the same null bias.
+    start = bias.at[:N].set(0.0).at[N].add(5.0)
+    again = routing.calibrate_null_bias(
+        logits, top_k=top_k, num_nulls=num_nulls, target_null_ratio=target, selection_bias=start
+    )
+    np.testing.assert_allclose(again, bias, atol=1e-5)
 
 
 def _layer(**kw):

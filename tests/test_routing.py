@@ -170,6 +170,27 @@ def test_stable_sort_by_key_equals_stable_argsort(keys, num_keys):
     np.testing.assert_array_equal(np.asarray(got), np.argsort(np.asarray(keys), kind="stable"))
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=st.sampled_from([(1, 1, 1), (7, 2, 4), (24, 3, 5), (40, 8, 8), (33, 5, 12)]),
+    levels=st.sampled_from([2, 5, 1000]),
+    cap=st.integers(0, 12),
+)
+def test_capacity_top_k_equals_lexicographic_sort(seed, shape, levels, cap):
+    # Distinct experts per token with null slots; priorities on a few levels, so ties at the
+    # capacity boundary are common (the earlier token must win them).
+    t, s, n = shape
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(n + s)[:s] for _ in range(t)])  # [T, S] distinct
+    ids = np.where(ids >= n, n, ids).astype(np.int32)  # ids >= N become null slots
+    prio = (rng.integers(0, levels, size=(t, s)) / levels).astype(np.float32)
+    got = routing.apply_capacity(jnp.asarray(ids), jnp.asarray(prio), n, cap)
+    want = routing.capacity_reference(jnp.asarray(ids), jnp.asarray(prio), n, cap)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_make_plan_orders_rows_by_expert_then_token():
     ids = jnp.asarray([[2, 0], [3, 2], [0, 3]], jnp.int32)  # 3 = null sentinel (N=3)
     w = jnp.asarray([[0.6, 0.4], [0.0, 1.0], [1.0, 0.0]], jnp.float32)

@@ -184,6 +184,14 @@ def test_variants_convert():
     assert k8.top_k * k8.density == k2.top_k * k2.density == 2.0
     with pytest.raises(ValueError, match="variant"):
         default.get_config("nope")
+    # fine: 4x the experts at a quarter of the width and 4x the slots, the same active FLOPs.
+    for v in ("default", "k2_rho1", "k8_rho025", "topk"):
+        base = train_config.from_config_dict(default.get_config(v)).moe
+        fine = train_config.from_config_dict(default.get_config(f"{v},fine")).moe
+        assert (fine.num_experts, fine.d_ff) == (4 * base.num_experts, base.d_ff // 4), v
+        assert fine.top_k * fine.density * fine.d_ff == base.top_k * base.density * base.d_ff, v
+    for v in ("xmoe", "switch", "dense"):
+        assert default.get_config(f"{v},fine").moe == default.get_config(v).moe, v
 
 
 # ---- CLI subprocesses: SIGTERM, SIGKILL, a corrupted checkpoint, restart to the end -----------

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.core import losses
-from moe_jax.core.dispatch import stable_sort_by_key
 
 
 class Routing(NamedTuple):
@@ -94,7 +93,9 @@ def calibrate_null_bias(
     n = logits.shape[1] - 1
     sel = logits if selection_bias is None else logits + selection_bias
     sel = jax.lax.stop_gradient(sel)
-    real, null = sel[:, :n], sel[:, n]  # [T, N], [T]
+    # Real logits with their per-expert selection bias; the null logit without its current
+    # bias, since b replaces it (so a calibrated layer recalibrates to the same b).
+    real, null = sel[:, :n], jax.lax.stop_gradient(logits[:, n])  # [T, N], [T]
 
     def ratio(b):
         r = _real_slots(real, null + b, top_k, num_nulls)  # [T]
@@ -201,17 +202,38 @@ def explicit_null_probs(logits: jax.Array, num_nulls: int) -> jax.Array:
 def apply_capacity(expert_ids: jax.Array, priority: jax.Array, num_experts: int, capacity: int):
     """Keep, per expert, the `capacity` selected (token, slot) pairs of highest priority.
 
-    expert_ids: [T, S] with N for unselected slots; priority: [T, S].
+    expert_ids: [T, S] with N for unselected slots, an expert at most once per token (every
+    router here picks distinct experts); priority: [T, S], finite.
     Returns (kept_ids [T, S], dropped [T] int32). Ties keep the earlier token.
+
+    Per expert, a top-`capacity` over the tokens' priorities for it ([N, T], -inf where a
+    token did not pick it; lax.top_k puts the lower index first among equals): measured on
+    CPU 8x faster than the lexicographic sort of all T*S pairs by (expert, priority) at
+    T=1408, S=N=32 (XMoE), and 2x at S=2, N=8. capacity_reference is that sort.
     """
+    t, s = expert_ids.shape
+    selected = expert_ids < num_experts
+    if capacity >= t:  # an expert can hold every token: nothing to drop
+        return expert_ids, _zeros_t(t)
+    tok = jnp.arange(t)[:, None]  # [T, 1]
+    prio = jnp.full((t, num_experts + 1), -jnp.inf, jnp.float32)
+    prio = prio.at[tok, expert_ids].set(priority.astype(jnp.float32))[:, :num_experts]  # [T, N]
+    top_p, top_tok = jax.lax.top_k(prio.T, capacity)  # [N, C]
+    kept = jnp.zeros((num_experts + 1, t), bool)
+    kept = kept.at[jnp.arange(num_experts)[:, None], top_tok].set(top_p > -jnp.inf)  # [N+1, T]
+    keep = kept[expert_ids, tok] & selected  # [T, S]
+    dropped = jnp.sum(selected & ~keep, axis=1).astype(jnp.int32)
+    return jnp.where(keep, expert_ids, num_experts), dropped
+
+
+def capacity_reference(expert_ids, priority, num_experts: int, capacity: int):
+    """apply_capacity as a lexicographic sort of every (token, slot) pair by (expert asc,
+    priority desc, index asc), then the first `capacity` of each expert (tests)."""
     t, s = expert_ids.shape
     flat_e = expert_ids.reshape(-1)  # [T*S]
     flat_p = priority.reshape(-1)
-    # Lexicographic sort by (expert asc, priority desc): stable sort by priority, then a
-    # stable sort by expert id.
-    by_p = jnp.argsort(-flat_p, stable=True)
-    order = by_p[stable_sort_by_key(flat_e[by_p], num_experts + 1)]  # [T*S]
-    sorted_e = flat_e[order]
+    iota = jnp.arange(t * s, dtype=jnp.int32)
+    sorted_e, _, order = jax.lax.sort((flat_e, -flat_p, iota), num_keys=3)
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat_e].add(1)
     starts = jnp.cumsum(counts) - counts  # [N+1]
     pos = jnp.arange(t * s) - starts[sorted_e]  # rank inside its expert

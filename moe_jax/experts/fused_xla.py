@@ -147,14 +147,16 @@ def _forward(
 
         def tile(tm, base, i, y):
             _, mask, tok, w = tiles(tm, base, end, i)
-            xt = jnp.take(x, tok, axis=0)  # [tm, D]
+            with jax.named_scope("gather"):
+                xt = jnp.take(x, tok, axis=0)  # [tm, D]
             h, gate = _split(_dot(xt, wc, (1, 0)), wi.shape[1], wg is not None)  # [tm, F]
             a = _activate(h, gate, bi, activation=activation)  # [tm, F]
             o = _dot(a.astype(wo.dtype), wo, (1, 0))  # [tm, D]
             if bo is not None:
                 o = o + bo.astype(_F32)[None, :]
-            o = jnp.where(mask[:, None], o * w[:, None], 0.0)  # [tm, D]
-            return y.at[tok].add(o)
+            with jax.named_scope("combine"):
+                o = jnp.where(mask[:, None], o * w[:, None], 0.0)  # [tm, D]
+                return y.at[tok].add(o)
 
         return tiles.loop(start, end, tile, y), None
 
@@ -179,8 +181,9 @@ def _backward(
         def tile(tm, base, i, c):
             dx, drw, dwc, dwo, dbi, dbo = c
             row0, mask, tok, w = tiles(tm, base, end, i)
-            xt = jnp.take(x, tok, axis=0)  # [tm, D]
-            dyt = jnp.where(mask[:, None], jnp.take(dy, tok, axis=0).astype(_F32), 0.0)
+            with jax.named_scope("gather"):
+                xt = jnp.take(x, tok, axis=0)  # [tm, D]
+                dyt = jnp.where(mask[:, None], jnp.take(dy, tok, axis=0).astype(_F32), 0.0)
             h, gate = _split(_dot(xt, wc, (1, 0)), f, gated)  # [tm, F]
             a, act_vjp = jax.vjp(act, h, gate, bi)  # [tm, F]
             u = _dot(dyt.astype(wo.dtype), wo, (1, 1))  # [tm, F]
@@ -197,7 +200,9 @@ def _backward(
             dwc = dwc + _dot(xt, dhg, (0, 0))  # [D, 2F or F]
             if bi is not None:
                 dbi = dbi + dbi_t
-            return dx.at[tok].add(_dot(dhg, wc, (1, 1))), drw, dwc, dwo, dbi, dbo
+            dxt = _dot(dhg, wc, (1, 1))  # [tm, D]
+            with jax.named_scope("combine"):  # the scatter-add back to token order
+                return dx.at[tok].add(dxt), drw, dwc, dwo, dbi, dbo
 
         init = (*carry, *(zeros(a) for a in (wc[None], w_out, b_in, b_out)))
         dx, drw, dwc, *dws = tiles.loop(start, end, tile, init)

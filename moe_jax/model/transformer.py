@@ -204,13 +204,15 @@ class Block(nnx.Module):
             self.ffn = FFN(cfg.d_model, cfg.d_ff, **kw)
 
     def __call__(self, x, modality, positions, deterministic, cache=None, cache_pos=None):
-        h, cache = self.attn(self.attn_norm(x), positions, cache=cache, cache_pos=cache_pos)
+        with jax.named_scope("attention"):
+            h, cache = self.attn(self.attn_norm(x), positions, cache=cache, cache_pos=cache_pos)
         x = x + h
         h = self.ffn_norm(x)
         if self.use_moe:
             h, aux = self.ffn(h, modality, deterministic=deterministic)
         else:
-            h, aux = self.ffn(h), None
+            with jax.named_scope("dense_ffn"):
+                h, aux = self.ffn(h), None
         return x + h.astype(x.dtype), aux, cache
 
 

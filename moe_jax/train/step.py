@@ -99,11 +99,16 @@ def calibrate_null_state(graphdef, state: dict, batch: dict) -> dict:
     layer calibrates. The loop calls it on the first training batch of a fresh run."""
     if not null_calibrated_layers(nnx.merge(graphdef, state["params"], state["rest"])):
         return state
-    shardings = jax.tree.map(lambda a: a.sharding, state["rest"])
-    rest = jax.jit(functools.partial(_calibrated_rest, graphdef), out_shardings=shardings)(
-        state["params"], state["rest"], batch
-    )
-    return {**state, "rest": rest}
+    leaves, treedef = jax.tree.flatten(state["rest"])
+    calibrate = _calibrator(graphdef, treedef, tuple(a.sharding for a in leaves))
+    return {**state, "rest": calibrate(state["params"], state["rest"], batch)}
+
+
+@functools.lru_cache(maxsize=16)
+def _calibrator(graphdef, treedef, shardings: tuple):
+    """The jitted calibration pass for one model and placement (compiled once per shapes)."""
+    out = jax.tree.unflatten(treedef, shardings)
+    return jax.jit(functools.partial(_calibrated_rest, graphdef), out_shardings=out)
 
 
 def _calibrated_rest(graphdef, params, rest, batch):
@@ -231,18 +236,20 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
         ((grads, m), rest), _ = jax.lax.scan(body, (zeros, state["rest"]), micro)
         grads, m = jax.tree.map(lambda x: x / a, (grads, m))
-    updates, opt_state = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
     # A step is good when its loss, its gradient and every updated parameter are finite. A bad
     # step's update is not applied: the state keeps the previous step's params, non-parameter
     # state and optimizer state, so the state in memory (and any checkpoint of it) stays finite
     # while the loop stops on m["finite"] == False.
-    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, old)
-    params = keep(params, state["params"])
-    rest = keep(rest, state["rest"])
-    opt_state = keep(opt_state, state["opt"])
+    with jax.named_scope("optimizer"):
+        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, old)
+        params = keep(params, state["params"])
+        rest = keep(rest, state["rest"])
+        opt_state = keep(opt_state, state["opt"])
     m = {**m, "grad_norm": grad_norm, "lr": schedule(step - 1), "finite": finite}
     if stop is not None:
         m["stop"] = jnp.max(stop) > 0

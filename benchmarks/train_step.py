@@ -1,0 +1,213 @@
+"""The jitted train step of the default model, MoE variants against the dense FFN model.
+
+Every variant's train_step (forward, backward, AdamW update: exactly what train.py runs) is
+compiled, warmed up and then timed in interleaved rounds in this one process, on one fixed
+training batch, the state fed back as train.py does (donated). Null routers are calibrated
+on that batch first (as train.py does before step 1), so they run at their density K*rho.
+
+  python benchmarks/train_step.py                 # default model + fine-grained variants
+  python benchmarks/train_step.py --json out.json --rounds 7
+  python benchmarks/train_step.py --only default  # the six default-model variants
+
+Prints, per variant: median ms per step, tokens/s, the ratio to the dense step, the real
+experts per token, and where the time goes (XLA profiler, by named scope): router (logits,
+routing, statistics), dispatch (the assignment sort), experts (gather + expert FFN; the dense model's FFN), combine
+(weighted scatter back to tokens), rest (attention, embeddings, dense layers, optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from profile_scopes import scope_shares
+
+from moe_jax import data as data_lib
+from moe_jax.train import config as config_lib
+from moe_jax.train import step as step_lib
+
+def _load_configs():
+    """configs/default.py as a module (the configs folder is not a package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    spec = importlib.util.spec_from_file_location("moe_jax_default_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# (label, config arg): the default model; every MoE variant has the dense model's active FLOPs.
+DEFAULT = (
+    ("dense", "dense"),
+    ("K^2_1.0", "k2_rho1"),
+    ("K^4_0.5", "default"),
+    ("K^8_0.25", "k8_rho025"),
+    ("top-2", "topk"),
+    ("XMoE t=0.9 (N=32, F/4)", "xmoe"),
+)
+# Fine-grained: N=32 experts of width F/4, 4x the slots (configs/default.py modifier "fine").
+FINE = (
+    ("fine K^8_1.0 (N=32)", "k2_rho1,fine"),
+    ("fine K^16_0.5 (N=32)", "default,fine"),
+)
+CATEGORIES = (
+    ("combine", ("combine",)),
+    ("dispatch", ("dispatch",)),
+    ("experts", ("experts", "dense_ffn")),
+    ("router", ("router_logits", "route", "routing_stats", "controllers")),
+)
+TARGETS = (  # (ratio name, numerator, denominator, bound, kind)
+    ("t(K^4_0.5)/t(dense)", "K^4_0.5", "dense", 1.03, "<="),
+    ("speed(K^8_0.25)/speed(K^4_0.5)", "K^4_0.5", "K^8_0.25", 0.98, ">="),
+    ("t(fine K^8_1.0)/t(dense)", "fine K^8_1.0 (N=32)", "dense", 1.2, "<="),
+    ("t(fine K^16_0.5)/t(dense)", "fine K^16_0.5 (N=32)", "dense", 1.2, "<="),
+)
+
+
+class Variant:
+    """One config's compiled train step and its (donated, fed back) state."""
+
+    def __init__(self, label: str, arg: str, steps_before: int):
+        c = _load_configs().get_config(arg)
+        c.log.eval_every, c.log.tensorboard, c.log.progress, c.log.plots = 0, False, False, False
+        self.label, self.arg = label, arg
+        self.cfg = cfg = config_lib.from_config_dict(c)
+        graphdef, state = step_lib.init_state(cfg)
+        batch = next(data_lib.make_dataset(cfg.data, "train"))
+        self.batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()})
+        self.tokens = int(np.prod(self.batch["tokens"].shape)) + _image_tokens(cfg, self.batch)
+        self.graphdef = graphdef
+        state = step_lib.calibrate_null_state(graphdef, state, self.batch)
+        tx, schedule = step_lib.make_optimizer(cfg.opt, cfg.num_steps)
+        self.kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=step_lib.StepSpec())
+        self.fail_at = np.int32(-1)
+        t0 = time.perf_counter()
+        self.compiled = step_lib.train_step.lower(
+            state, self.batch, self.fail_at, None, **self.kw
+        ).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.state = state
+        for _ in range(steps_before):  # warm; also lets routing move off its first batch
+            self.call()
+        self.times: list[float] = []
+
+    def recalibrate(self) -> None:
+        """Null routers back at their density on this batch (training on one batch drifts)."""
+        self.state = step_lib.calibrate_null_state(self.graphdef, self.state, self.batch)
+
+    def call(self):
+        self.state, m = self.compiled(self.state, self.batch, self.fail_at, None)
+        jax.block_until_ready((self.state, m))
+        return m
+
+    def timed(self, n: int) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.call()
+            self.times.append(time.perf_counter() - t0)
+
+    def real_per_token(self) -> float | None:
+        if self.cfg.moe is None:
+            return None
+        m = self.call()
+        return float(np.mean([np.asarray(layer["real_per_token"]) for layer in m["moe"]]))
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * statistics.median(self.times)
+
+
+def _image_tokens(cfg, batch) -> int:
+    """Vision tokens per step (image patches the decoder sees) in vlm mode."""
+    img = batch.get("image")
+    if img is None:
+        return 0
+    p = cfg.data.patch_size
+    return int(img.shape[0] * (img.shape[1] // p) * (img.shape[2] // p))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    ap.add_argument("--calls", type=int, default=2, help="timed steps per variant per round")
+    ap.add_argument("--only", choices=("default", "fine", "all"), default="all")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown")
+    ap.add_argument("--json", default=None, help="write every number to this file")
+    args = ap.parse_args()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()})")
+    chosen = {"default": DEFAULT, "fine": (DEFAULT[0], *FINE), "all": DEFAULT + FINE}[args.only]
+    variants = []
+    for label, arg in chosen:
+        v = Variant(label, arg, steps_before=3)
+        variants.append(v)
+        log(f"  compiled {label} ({arg}) in {v.compile_s:.0f} s")
+    for r in range(args.rounds):
+        for v in variants:
+            v.recalibrate()
+            v.call()  # untimed: caches the peers evicted do not land on a measurement
+            v.timed(args.calls)
+        log(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{v.ms:.0f}" for v in variants))
+    shares = {}
+    if not args.no_breakdown:
+        for v in variants:
+            v.recalibrate()
+            shares[v.label] = scope_shares(v.compiled, v.call, CATEGORIES)
+    report(variants, shares, args.json)
+
+
+def report(variants, shares, json_path):
+    by = {v.label: v for v in variants}
+    dense = by["dense"].ms
+    cats = [c for c, _ in CATEGORIES] + ["rest"]
+    order = ("router", "dispatch", "experts", "combine", "rest")
+    tokens = variants[0].tokens
+    print(f"\n== train step, default model ({tokens} tokens/step), median of interleaved calls ==")
+    head = f"{'variant':24s} {'ms':>7s} {'tok/s':>7s} {'/dense':>7s} {'real/tok':>8s}"
+    if shares:
+        head += "  " + " ".join(f"{c:>8s}" for c in order) + "  (ms)"
+    print(head)
+    rows = {}
+    for v in variants:
+        v.recalibrate()
+        rt = v.real_per_token()
+        line = f"{v.label:24s} {v.ms:7.1f} {v.tokens / v.ms * 1e3:7.0f} {v.ms / dense:7.3f}"
+        line += f" {rt:8.2f}" if rt is not None else " " * 9
+        if shares:
+            line += "  " + " ".join(f"{shares[v.label][c] * v.ms:8.1f}" for c in order)
+        print(line)
+        rows[v.label] = dict(
+            config=v.arg,
+            median_ms=v.ms,
+            tokens_per_s=v.tokens / v.ms * 1e3,
+            ratio_to_dense=v.ms / dense,
+            real_per_token=rt,
+            times_ms=[1e3 * t for t in v.times],
+            compile_s=v.compile_s,
+            breakdown_ms={c: shares[v.label][c] * v.ms for c in cats} if shares else None,
+        )
+    targets = []
+    print(f"\n{'target':34s} {'value':>7s} {'bound':>8s}")
+    for name, num, den, bound, kind in TARGETS:
+        if num not in by or den not in by:
+            continue
+        value = by[num].ms / by[den].ms
+        ok = value <= bound if kind == "<=" else value >= bound
+        targets.append(dict(name=name, value=value, bound=f"{kind} {bound}", ok=ok))
+        print(f"{name:34s} {value:7.3f} {kind + ' ' + str(bound):>8s} {'ok' if ok else 'MISSED'}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            out = dict(jax=jax.__version__, platform=jax.devices()[0].platform, tokens=tokens)
+            json.dump(dict(out, variants=rows, targets=targets), fh, indent=1)
+        print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
