@@ -34,6 +34,7 @@ from moe_jax import data as data_lib
 from moe_jax.train import config as config_lib
 from moe_jax.train import step as step_lib
 
+
 def _load_configs():
     """configs/default.py as a module (the configs folder is not a package)."""
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
