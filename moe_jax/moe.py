@@ -41,9 +41,10 @@ class FFN(nnx.Module):
         self.w_out = nnx.Linear(d_ff, d_model, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.w_in(x)
-        h = jax.nn.silu(self.w_gate(x)) * h if self.activation == "swiglu" else jax.nn.gelu(h)
-        return self.w_out(h)
+        with jax.named_scope("dense_ffn"):
+            h = self.w_in(x)
+            h = jax.nn.silu(self.w_gate(x)) * h if self.activation == "swiglu" else jax.nn.gelu(h)
+            return self.w_out(h)
 
 
 class RouterBias(nnx.Variable):

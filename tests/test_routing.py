@@ -170,10 +170,10 @@ def test_stable_sort_by_key_equals_stable_argsort(keys, num_keys):
     np.testing.assert_array_equal(np.asarray(got), np.argsort(np.asarray(keys), kind="stable"))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
-    shape=st.sampled_from([(1, 1, 1), (7, 2, 4), (24, 3, 5), (40, 8, 8), (33, 5, 12)]),
+    shape=st.sampled_from([(1, 1, 1), (24, 3, 5), (40, 8, 8)]),
     levels=st.sampled_from([2, 5, 1000]),
     cap=st.integers(0, 12),
 )

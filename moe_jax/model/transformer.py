@@ -5,10 +5,9 @@ vision encoder, then the L text tokens; the decoder is causal over all P + L pos
 positions 0 .. P+L-1), and every token carries a modality id (0 = vision, 1 = text) that the
 MoE layers use for per-modality routing statistics. Logits are returned for text positions only.
 
-Blocks are pre-norm: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), where FFN is a dense SwiGLU
-or the MoE layer. MoE placement: with moe_every = n > 0, block i (0-based) is an MoE block iff
-(i + 1) % n == 0, i.e. the n-th, 2n-th, ... block counting from the first (n = 1: every block;
-n = 2: blocks 1, 3, 5, ...). moe_every = 0 (or moe = None) gives a dense model.
+Blocks are pre-norm: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)), FFN a dense SwiGLU or the
+MoE layer. With moe_every = n > 0, block i (0-based) is an MoE block iff (i + 1) % n == 0
+(n = 1: every block; n = 2: blocks 1, 3, 5, ...); moe_every = 0 or moe = None: a dense model.
 
 Dtypes: parameters in param_dtype (fp32), matmuls in dtype (fp32 or bf16), attention softmax,
 router and logits in fp32. The MoE layer's dtype/param_dtype are taken from this config.
@@ -211,8 +210,7 @@ class Block(nnx.Module):
         if self.use_moe:
             h, aux = self.ffn(h, modality, deterministic=deterministic)
         else:
-            with jax.named_scope("dense_ffn"):
-                h, aux = self.ffn(h), None
+            h, aux = self.ffn(h), None
         return x + h.astype(x.dtype), aux, cache
 
 
