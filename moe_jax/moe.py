@@ -258,7 +258,7 @@ def local_forward(
             backend=cfg.backend,
         )  # [T, D]
     with jax.named_scope("routing_stats"):
-        st = stats.routing_stats(cfg, r, modality, axis)
+        st = stats.routing_stats(cfg, r, modality, axis, plan.group_sizes)
     return y, r.lb_loss, r.z_loss, st, r.expert_ids
 
 

@@ -30,20 +30,31 @@ def layer_aux(cfg: MoEConfig, lb_loss: jax.Array, z_loss: jax.Array, stats: dict
     }
 
 
-def routing_stats(cfg: MoEConfig, r: Routing, modality: jax.Array | None, axis_name=None) -> dict:
+def routing_stats(
+    cfg: MoEConfig,
+    r: Routing,
+    modality: jax.Array | None,
+    axis_name=None,
+    group_sizes: jax.Array | None = None,
+) -> dict:
     """Statistics of one routing decision; with axis_name the counts are summed over the mesh.
 
     null_ratio = null picks / (T*K) (null router: also null_error = null_ratio - (1 - rho));
     real_per_token; zero_compute_fraction (tokens with no real
     expert); expert_load [N] (shares); drop_fraction; num_real; with modality ids [T] also
     per-modality null ratio, real experts per token and share of the real rows.
+    group_sizes [N]: the dispatch plan's real rows per expert, when the caller has them (the
+    same counts as the expert load; not counted twice).
     """
     n = cfg.num_experts
     ids = r.expert_ids
     t, s = ids.shape
     real = (ids < n).astype(jnp.float32)  # [T, S] after drops
     real_tok = jnp.sum(real, axis=1)  # [T]
-    load = jnp.zeros((n,), jnp.float32).at[ids.reshape(-1)].add(1.0, mode="drop")  # [N]
+    if group_sizes is None:
+        load = jnp.zeros((n,), jnp.float32).at[ids.reshape(-1)].add(1.0, mode="drop")  # [N]
+    else:
+        load = group_sizes.astype(jnp.float32)  # [N]
     sums = {
         "tokens": jnp.asarray(t, jnp.float32),
         "real": jnp.sum(real_tok),
