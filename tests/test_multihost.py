@@ -6,13 +6,16 @@ The two-process runs are subprocesses of tests/train_multiprocess_worker.py (the
 train.py's configs/default.py:smoke with the mesh and config.dist fields set).
 """
 
+import atexit
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -28,6 +31,10 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
+_CACHE = tempfile.mkdtemp(prefix="moe_jax_multihost_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,9 +42,12 @@ def _free_port():
 
 
 def _launch(workdir, *args):
-    """Starts both processes of one run; returns the Popen objects."""
+    """Starts both processes of one run; returns the Popen objects. All launches share one
+    persistent compilation cache, so relaunches load the programs the first launch compiled."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 4 devices from config
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     port = str(_free_port())
