@@ -3,7 +3,8 @@
 Every variant's train_step (forward, backward, AdamW update: exactly what train.py runs) is
 compiled, warmed up and then timed in interleaved rounds in this one process, on one fixed
 training batch, the state fed back as train.py does (donated). Null routers are calibrated
-on that batch first (as train.py does before step 1), so they run at their density K*rho.
+on that batch before every round (as train.py does before step 1), and the learning rate is
+held near 0 (a long warmup), so every timed step runs at the density K*rho.
 
   python benchmarks/train_step.py                 # default model + fine-grained variants
   python benchmarks/train_step.py --json out.json --rounds 7
@@ -78,6 +79,10 @@ class Variant:
     def __init__(self, label: str, arg: str, steps_before: int):
         c = _load_configs().get_config(arg)
         c.log.eval_every, c.log.tensorboard, c.log.progress, c.log.plots = 0, False, False, False
+        # A warmup of 10^6 steps keeps the learning rate near 0: the step computes exactly
+        # what it does in training, but the weights, and so the routing, stay where the
+        # calibration put them (training on one repeated batch would move them within steps).
+        c.num_steps, c.opt.warmup_steps = 10**6, 10**6
         self.label, self.arg = label, arg
         self.cfg = cfg = config_lib.from_config_dict(c)
         graphdef, state = step_lib.init_state(cfg)
