@@ -5,8 +5,8 @@
 
 Order inside one iteration: draw batch t, dispatch train_step t, then read step t-1's metrics
 (the device is already busy with t). Before a checkpoint or an eval at step t the loop reads
-step t's metrics too, so every saved checkpoint passed the step's finite check (loss, gradient
-norm and updated parameters; a failing step's update is not even applied): the "last good
+step t's metrics too, so every saved checkpoint passed the step's finite check (loss and
+gradient norm; a failing step's update is not even applied): the "last good
 checkpoint" named by a NaN stop restores finite. The workdir is locked for the run and its
 stored config checked before any restore (train.workdir); metrics.jsonl holds each step once.
 """
@@ -279,8 +279,8 @@ class Loop:
         }
 
     def _consume(self, step: int, m, crc: int) -> None:
-        """Reads step ``step``'s metrics (blocks until it is done), checks that the loss, the
-        gradient and the updated parameters are finite, logs."""
+        """Reads step ``step``'s metrics (blocks until it is done), checks that the loss and
+        the gradient are finite, logs."""
         cfg = self.cfg
         loss = float(m["loss"])
         now = time.perf_counter()
@@ -292,12 +292,9 @@ class Loop:
             )
             grad_norm = float(m["grad_norm"])
             what = (
-                f"training loss is {loss}"
-                if not math.isfinite(loss)
-                else f"gradient norm is {grad_norm}"
-                if not math.isfinite(grad_norm)
-                else f"an updated parameter is NaN/Inf (loss {loss}, gradient norm {grad_norm})"
-            )
+                f"training loss is {loss}" if not math.isfinite(loss) else
+                f"gradient norm is {grad_norm}"
+            )  # fmt: skip
             raise NonFiniteLossError(
                 f"{what} at step {step}; the update was not applied; stopping. "
                 f"Last good checkpoint: {where}"

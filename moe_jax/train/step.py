@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss, the gradient or an updated parameter became NaN or Inf; the message names the
+    """The loss or the gradient became NaN or Inf; the message names the
     step and the last good checkpoint."""
 
 
@@ -206,7 +206,7 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
 
     fail_at: int32 scalar; the loss is poisoned with NaN when the step taken equals it (fault
     injection for tests; -1 = never). A traced argument, so it costs no recompilation.
-    m["finite"] is False when the loss, the gradient norm or an updated parameter is NaN/Inf;
+    m["finite"] is False when the loss or the gradient norm is NaN/Inf;
     that step's update is then dropped (the returned state holds the previous values).
     stop: None, or a [devices] int32 array of each process's stop request (multi-process runs);
     m["stop"] is then its max, so every process reads the same decision with the metrics.
@@ -236,16 +236,17 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
         ((grads, m), rest), _ = jax.lax.scan(body, (zeros, state["rest"]), micro)
         grads, m = jax.tree.map(lambda x: x / a, (grads, m))
+    # A step is good when its loss and its gradient (so its global norm) are finite; AdamW's
+    # update of finite parameters from finite gradients is finite. A bad step's update is not
+    # applied: the state keeps the previous step's params, non-parameter state and optimizer
+    # state, so the state in memory (and any checkpoint of it) stays finite while the loop
+    # stops on m["finite"] == False. Deciding before the update lets XLA fuse the keep-select
+    # into it (checking the updated parameters afterwards took two more passes over the state).
     with jax.named_scope("optimizer"):
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
-    # A step is good when its loss, its gradient and every updated parameter are finite. A bad
-    # step's update is not applied: the state keeps the previous step's params, non-parameter
-    # state and optimizer state, so the state in memory (and any checkpoint of it) stays finite
-    # while the loop stops on m["finite"] == False.
-    with jax.named_scope("optimizer"):
-        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) & all_finite(params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, old)
         params = keep(params, state["params"])
         rest = keep(rest, state["rest"])
