@@ -33,6 +33,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # two workers, one file each (pyproject addopts)
             "hypothesis>=6.100",
             "ruff>=0.6",
             "nbclient>=0.10",
