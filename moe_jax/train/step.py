@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient became NaN or Inf; the message names the
-    step and the last good checkpoint."""
+    """The loss or the gradient became NaN or Inf; the message names the step and the last
+    good checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +81,13 @@ def model_graphdef(cfg: TrainConfig, ep=None):
 
 def _fresh_state(cfg: TrainConfig):
     """The train-state pytree of a fresh run (trace it under jit: it builds the whole model)."""
-    tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
     model = model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    params, rest = nnx.split(model, nnx.Param, ...)[1:]
+    return _new_state(cfg, *nnx.split(model, nnx.Param, ...)[1:])
+
+
+def _new_state(cfg: TrainConfig, params, rest) -> dict:
+    """The train state at step 0 around given parameters: fresh AdamW moments, the seed's rng."""
+    tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
     return {
         "params": params,
         "rest": rest,
@@ -129,14 +133,7 @@ def _init_from_checkpoint(cfg: TrainConfig, ep=None):
         output_scale=cfg.init.output_scale,
         seed=cfg.seed,
     )
-    tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
-    state = {
-        "params": params,
-        "rest": rest,
-        "opt": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(cfg.seed),
-    }
+    state = _new_state(cfg, params, rest)
     if ep is not None:
         state = jax.device_put(state, parallel.state_shardings(state, ep.mesh))
     return graphdef, state
@@ -154,16 +151,7 @@ def init_state(cfg: TrainConfig, ep=None):
         return _init_from_checkpoint(cfg, ep)
     if ep is None:
         graphdef = model_graphdef(cfg)
-        params, rest = _init_params(cfg.model, cfg.seed)
-        tx, _ = make_optimizer(cfg.opt, cfg.num_steps)
-        state = {
-            "params": params,
-            "rest": rest,
-            "opt": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key(cfg.seed),
-        }
-        return graphdef, state
+        return graphdef, _new_state(cfg, *_init_params(cfg.model, cfg.seed))
     graphdef, abstract = abstract_state(cfg, ep)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     return graphdef, jax.jit(functools.partial(_fresh_state, cfg), out_shardings=shardings)()
