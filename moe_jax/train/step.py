@@ -228,17 +228,24 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
     # update of finite parameters from finite gradients is finite. A bad step's update is not
     # applied: the state keeps the previous step's params, non-parameter state and optimizer
     # state, so the state in memory (and any checkpoint of it) stays finite while the loop
-    # stops on m["finite"] == False. Deciding before the update lets XLA fuse the keep-select
-    # into it (checking the updated parameters afterwards took two more passes over the state).
+    # stops on m["finite"] == False. The decision is a lax.cond around the update: a
+    # select(finite, new, old) per leaf made XLA split AdamW into one fusion per output, the
+    # parameter's reading the old moments, and so copy every donated moment first (measured:
+    # 48 copies and +60% optimizer time over 3M parameters; the cond has none).
     with jax.named_scope("optimizer"):
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, old)
-        params = keep(params, state["params"])
-        rest = keep(rest, state["rest"])
-        opt_state = keep(opt_state, state["opt"])
+
+        def update(params, opt_state, new_rest, _):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, new_rest
+
+        def keep(params, opt_state, _, old_rest):
+            return params, opt_state, old_rest
+
+        params, opt_state, rest = jax.lax.cond(
+            finite, update, keep, state["params"], state["opt"], rest, state["rest"]
+        )
     m = {**m, "grad_norm": grad_norm, "lr": schedule(step - 1), "finite": finite}
     if stop is not None:
         m["stop"] = jnp.max(stop) > 0
