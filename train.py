@@ -12,6 +12,11 @@ with status 2. Multi-host: the same command on every host with the same --workdi
 "Training across hosts" (config.dist.* and config.mesh.*). Switching router on the command line (--config.moe.router=topk) drops the
 file's null-router moe.rho / moe.num_null_experts unless they are given too
 (moe_jax.train.config.cli_overrides).
+
+On Linux the process re-executes itself once with glibc's malloc on transparent huge pages
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1) where the kernel leaves them to madvise: XLA's CPU
+runtime maps each step's temp buffer afresh, and faulting it in 4 KiB pages took a third of
+the default model's step (benchmarks/train_step.py). MOE_JAX_HUGE_PAGES=0 turns this off.
 """
 
 import os
@@ -32,6 +37,23 @@ _WORKDIR = flags.DEFINE_string(
     None,
     "Output folder (metrics, checkpoints, plots). Default: ./workdir/<config name>.",
 )
+
+
+def _exec_with_huge_pages() -> None:
+    """Re-execute this command with glibc.malloc.hugetlb=1 when it can help (see above)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if os.environ.get("MOE_JAX_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
+        return
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[madvise]" not in f.read():
+                return  # [always]: malloc gets them anyway; [never]: nothing to gain
+    except OSError:
+        return  # not Linux
+    env = dict(
+        os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, "glibc.malloc.hugetlb=1")))
+    )
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def main(argv):
@@ -67,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _exec_with_huge_pages()
     app.run(main)

@@ -5,11 +5,30 @@ Run the benchmarks as scripts (python benchmarks/NAME.py); they import this file
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import jax
+
+
+def exec_with_huge_pages() -> None:
+    """Re-execute this benchmark once with glibc's malloc on transparent huge pages, as
+    train.py runs (see its docstring): the steps timed are the steps a training run takes.
+    A no-op where the kernel's THP mode is not madvise, or with MOE_JAX_HUGE_PAGES=0."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if os.environ.get("MOE_JAX_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
+        return
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[madvise]" not in f.read():
+                return
+    except OSError:
+        return
+    tunables = ":".join(filter(None, (tunables, "glibc.malloc.hugetlb=1")))
+    os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=tunables))
 
 
 class Bench:

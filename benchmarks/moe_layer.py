@@ -35,7 +35,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Bench, bisect_decreasing
+from common import Bench, bisect_decreasing, exec_with_huge_pages
 from flax import nnx
 
 from moe_jax import routing, stats
@@ -273,4 +273,5 @@ def main():
 
 
 if __name__ == "__main__":
+    exec_with_huge_pages()
     main()

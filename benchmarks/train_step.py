@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import exec_with_huge_pages
 from profile_scopes import scope_shares
 
 from moe_jax import data as data_lib
@@ -216,4 +217,5 @@ def report(variants, shares, json_path):
 
 
 if __name__ == "__main__":
+    exec_with_huge_pages()
     main()

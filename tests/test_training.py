@@ -194,6 +194,55 @@ def test_variants_convert():
         assert default.get_config(f"{v},fine").moe == default.get_config(v).moe, v
 
 
+# ---- train.py's process: glibc malloc on transparent huge pages -------------------------------
+
+_PROBE = """
+import ctypes, os, resource, sys
+sys.path.insert(0, {root!r})
+import train
+train._exec_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+n = 64 << 20  # above malloc's mmap threshold, like XLA's per-step temp buffer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(libc.malloc(n), 1, n)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(os.environ.get("GLIBC_TUNABLES", ""), faults)
+"""
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return re.search(r"\[(\w+)\]", f.read()).group(1)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("opt_out", [False, True], ids=["default", "MOE_JAX_HUGE_PAGES=0"])
+def test_cli_process_mallocs_on_huge_pages(opt_out):
+    """train.py re-executes itself with glibc.malloc.hugetlb=1 (keeping the user's other
+    tunables) where THP is madvise-only, so a fresh 64 MiB buffer faults in 2 MiB pages."""
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
+    env.pop("MOE_JAX_HUGE_PAGES", None)
+    if opt_out:
+        env["MOE_JAX_HUGE_PAGES"] = "0"
+    code = _PROBE.format(root=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    tunables, faults = out.stdout.split()
+    pages_4k = (64 << 20) // 4096
+    if _thp_mode() == "madvise" and not opt_out:
+        assert tunables == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+        assert int(faults) < pages_4k // 8, faults
+    else:
+        assert tunables == "glibc.malloc.arena_max=4"
+        if _thp_mode() == "madvise":
+            assert int(faults) > pages_4k // 2, faults  # the probe sees 4 KiB faults
+
+
 # ---- CLI subprocesses: SIGTERM, SIGKILL, a corrupted checkpoint, restart to the end -----------
 
 CHAIN_STEPS = 150
