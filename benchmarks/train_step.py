@@ -130,6 +130,12 @@ class Variant:
     def ms(self) -> float:
         return 1e3 * statistics.median(self.times)
 
+    @property
+    def best_ms(self) -> float:
+        """The fastest timed step: other tenants of a shared machine only add time, so on a
+        noisy host this tracks the program's own cost more steadily than the median."""
+        return 1e3 * min(self.times)
+
 
 def _image_tokens(cfg, batch) -> int:
     """Vision tokens per step (image patches the decoder sees) in vlm mode."""
@@ -176,8 +182,12 @@ def report(variants, shares, json_path):
     cats = [c for c, _ in CATEGORIES] + ["rest"]
     order = ("router", "dispatch", "experts", "combine", "rest")
     tokens = variants[0].tokens
-    print(f"\n== train step, default model ({tokens} tokens/step), median of interleaved calls ==")
-    head = f"{'variant':24s} {'ms':>7s} {'tok/s':>7s} {'/dense':>7s} {'real/tok':>8s}"
+    print(
+        f"\n== train step, default model ({tokens} tokens/step), median and best of "
+        "interleaved calls =="
+    )
+    head = f"{'variant':24s} {'ms':>7s} {'tok/s':>7s} {'/dense':>7s} {'best':>7s} {'/dense':>7s}"
+    head += f" {'real/tok':>8s}"
     if shares:
         head += "  " + " ".join(f"{c:>8s}" for c in order) + "  (ms)"
     print(head)
@@ -186,6 +196,7 @@ def report(variants, shares, json_path):
         v.recalibrate()
         rt = v.real_per_token()
         line = f"{v.label:24s} {v.ms:7.1f} {v.tokens / v.ms * 1e3:7.0f} {v.ms / dense:7.3f}"
+        line += f" {v.best_ms:7.1f} {v.best_ms / by['dense'].best_ms:7.3f}"
         line += f" {rt:8.2f}" if rt is not None else " " * 9
         if shares:
             line += "  " + " ".join(f"{shares[v.label][c] * v.ms:8.1f}" for c in order)
@@ -195,20 +206,24 @@ def report(variants, shares, json_path):
             median_ms=v.ms,
             tokens_per_s=v.tokens / v.ms * 1e3,
             ratio_to_dense=v.ms / dense,
+            best_ms=v.best_ms,
+            best_ratio_to_dense=v.best_ms / by["dense"].best_ms,
             real_per_token=rt,
             times_ms=[1e3 * t for t in v.times],
             compile_s=v.compile_s,
             breakdown_ms={c: shares[v.label][c] * v.ms for c in cats} if shares else None,
         )
     targets = []
-    print(f"\n{'target':34s} {'value':>7s} {'bound':>8s}")
+    print(f"\n{'target (on medians; best steps after)':38s} {'value':>7s} {'bound':>8s}")
     for name, num, den, bound, kind in TARGETS:
         if num not in by or den not in by:
             continue
         value = by[num].ms / by[den].ms
+        best = by[num].best_ms / by[den].best_ms
         ok = value <= bound if kind == "<=" else value >= bound
-        targets.append(dict(name=name, value=value, bound=f"{kind} {bound}", ok=ok))
-        print(f"{name:34s} {value:7.3f} {kind + ' ' + str(bound):>8s} {'ok' if ok else 'MISSED'}")
+        targets.append(dict(name=name, value=value, best=best, bound=f"{kind} {bound}", ok=ok))
+        verdict = "ok" if ok else "MISSED"
+        print(f"{name:38s} {value:7.3f} {kind + ' ' + str(bound):>8s} {verdict:6s} best {best:.3f}")
     if json_path:
         with open(json_path, "w") as fh:
             out = dict(jax=jax.__version__, platform=jax.devices()[0].platform, tokens=tokens)

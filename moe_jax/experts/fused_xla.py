@@ -25,8 +25,9 @@ Design (two nested loops per pass):
    dot with w_out[g]; multiply by the row weights, with a select zeroing rows outside the
    group (garbage weights may be NaN); scatter-add into y [T, D] (f32).
 3. custom_vjp backward: the same tiles recompute the hidden activations (nothing R-sized is
-   saved: keeping [R, 2F] pre-activations instead measured slower in the CPU train step,
-   1.15x against 1.00x the dense step for K^4_0.5) and produce, per tile,
+   saved: keeping [R, 2F] f32 pre-activations instead measured the same in the CPU train
+   step, 106.9 against 108.8 ms median for K^4_0.5 side by side, for R*2F*4 more bytes
+   per layer) and produce, per tile,
      u = dy[tok] @ w_out[g]^T                        [tm, F]
      d_row_weights = sum(act * u) + dy[tok] . b_out   (written into the [R] vector)
      d_w_out[g] += act^T @ (w * dy[tok]),  d_hg = act'(h, gate) * (w * u)   [tm, 2F]
@@ -239,20 +240,27 @@ def _fused_bwd(activation, tm, res, dy):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_tile_rows(num_rows: int, num_groups: int) -> tuple[int, int]:
-    """(full tile, remainder step) for the fused loop: step = R / (8 G) rounded to a power of
-    two in [8, 64], full tile = 8 steps (so 8 tile sizes, 8 loops per group and pass).
+def fused_tile_rows(num_rows: int, num_groups: int, d_model: int, d_ff: int) -> tuple[int, int]:
+    """(full tile, remainder step) for the fused loop: n sizes (n = 8 when a row's matmuls are
+    big, d_model * d_ff >= 2^18, else 4), step = R / (n G) rounded to a power of two in
+    [8, 512 / n], full tile = n steps (n tile sizes, n loops per group and pass), or fewer
+    steps where R / G rows per group, rounded up to a power of two, is smaller.
 
     Larger tiles run faster dots on CPU ([M,128] x [128,256]: 92 GFLOP/s at M=256, 133 at
     512, 148 at 1024 on the 2-core CI machine) while the step bounds the masked rows per
     group. Measured fwd+bwd against the earlier halving sizes (256, 128, 64, 32), medians
     of 12 interleaved rounds: T=1408, D=128, N=8, F=128, E[K]=2: 14.5 -> 11.6 ms; N=32,
     F=32, E[K]=8: 23.5 -> 21.2 ms; T=4096, D=512 with N=64, F=128 or N=8, F=1024: within
-    the noise: one rule for both widths.
+    the noise. At D*F < 2^18, 8 sizes of step 64 instead of 4 of 128 measured the same
+    (11.7 / 12.2 ms, 21.7 / 21.5 ms) and compiled a smoke-sized train step in 9.7 s instead
+    of 7.2 s; where rows are expensive (N=8, F=1024, D=512) the finer step keeps the rho
+    sweep's t(rho=0.25)/t(rho=1) at 0.27-0.29 (0.34 with steps of 128).
     """
-    step = 2 ** round(math.log2(max(num_rows / (8 * max(num_groups, 1)), 1)))
-    step = int(min(max(step, 8), 64))
-    return 8 * step, step
+    n = 8 if d_model * d_ff >= 2**18 else 4
+    step = 2 ** round(math.log2(max(num_rows / (n * max(num_groups, 1)), 1)))
+    step = int(min(max(step, 8), 512 // n))
+    per_group = 2 ** math.ceil(math.log2(max(num_rows / max(num_groups, 1), 1)))
+    return max(min(n * step, per_group), step), step
 
 
 def fused_moe_ffn(
@@ -304,7 +312,7 @@ def fused_moe_ffn(
     num_rows = token_idx.shape[0]
     if num_rows == 0 or x.shape[0] == 0:
         return jnp.zeros(x.shape, x.dtype)
-    auto_tm, auto_min = fused_tile_rows(num_rows, n)
+    auto_tm, auto_min = fused_tile_rows(num_rows, n, d, f)
     tm = min(auto_tm if tile_rows is None else tile_rows, num_rows)
     min_tm = min(auto_min if min_tile_rows is None else min_tile_rows, tm)
     return _fused(
