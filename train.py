@@ -15,8 +15,9 @@ file's null-router moe.rho / moe.num_null_experts unless they are given too
 
 On Linux the process re-executes itself once with glibc's malloc on transparent huge pages
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) where the kernel leaves them to madvise: XLA's CPU
-runtime maps each step's temp buffer afresh, and faulting it in 4 KiB pages took a third of
-the default model's step (benchmarks/train_step.py). MOE_JAX_HUGE_PAGES=0 turns this off.
+runtime maps each step's temp buffer afresh, and faulting it in 4 KiB pages took about a
+quarter of the dense default model's step (README, "Training"). MOE_JAX_HUGE_PAGES=0 turns
+this off.
 """
 
 import os
