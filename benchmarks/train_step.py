@@ -149,7 +149,7 @@ def _image_tokens(cfg, batch) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-    ap.add_argument("--calls", type=int, default=2, help="timed steps per variant per round")
+    ap.add_argument("--calls", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--only", choices=("default", "fine", "all"), default="all")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown")
     ap.add_argument("--json", default=None, help="write every number to this file")
