@@ -1,17 +1,20 @@
 """The jitted train step of the default model, MoE variants against the dense FFN model.
 
-Every variant's train_step (forward, backward, AdamW update: exactly what train.py runs) is
-compiled, warmed up and then timed in interleaved rounds in this one process, on one fixed
-training batch, the state fed back as train.py does (donated). Null routers are calibrated
-on that batch before every round (as train.py does before step 1), and the learning rate is
-held near 0 (a long warmup), so every timed step runs at the density K*rho.
+Every variant is first trained for --train-steps steps (100) on the training stream, so that
+the timed steps see a trained router's routing, not the initial one (at initialization one or
+two experts take most rows of this data). Its train_step (forward, backward, AdamW update:
+exactly what train.py runs) is then compiled, warmed up and timed in interleaved rounds in
+this one process, on one fixed training batch, the state fed back as train.py does (donated).
+Null routers are calibrated on that batch before every round (as train.py does before step
+1), and the learning rate is held near 0 (a long warmup), so every timed step runs at the
+density K*rho.
 
   python benchmarks/train_step.py                 # default model + fine-grained variants
   python benchmarks/train_step.py --json out.json --rounds 7
   python benchmarks/train_step.py --only default  # the six default-model variants
 
 Prints, per variant: median ms per step, tokens/s, the ratio to the dense step, the real
-experts per token, and where the time goes (XLA profiler, by named scope): router (logits,
+experts per token, the load skew (largest expert's share of the rows times N), and where the time goes (XLA profiler, by named scope): router (logits,
 routing, statistics), dispatch (the assignment sort), experts (gather + expert FFN; the dense model's FFN), combine
 (weighted scatter back to tokens), rest (attention, embeddings, dense layers, optimizer).
 """
@@ -77,7 +80,7 @@ TARGETS = (  # (ratio name, numerator, denominator, bound, kind)
 class Variant:
     """One config's compiled train step and its (donated, fed back) state."""
 
-    def __init__(self, label: str, arg: str, steps_before: int):
+    def __init__(self, label: str, arg: str, steps_before: int, train_steps: int = 0):
         c = _load_configs().get_config(arg)
         c.log.eval_every, c.log.tensorboard, c.log.progress, c.log.plots = 0, False, False, False
         # A warmup of 10^6 steps keeps the learning rate near 0: the step computes exactly
@@ -87,14 +90,17 @@ class Variant:
         self.label, self.arg = label, arg
         self.cfg = cfg = config_lib.from_config_dict(c)
         graphdef, state = step_lib.init_state(cfg)
+        self.graphdef = graphdef
         batch = next(data_lib.make_dataset(cfg.data, "train"))
         self.batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()})
         self.tokens = int(np.prod(self.batch["tokens"].shape)) + _image_tokens(cfg, self.batch)
-        self.graphdef = graphdef
+        self.fail_at = np.int32(-1)
+        t0 = time.perf_counter()
+        state = self._pretrain(arg, state, train_steps)
+        self.train_s, self.train_steps = time.perf_counter() - t0, train_steps
         state = step_lib.calibrate_null_state(graphdef, state, self.batch)
         tx, schedule = step_lib.make_optimizer(cfg.opt, cfg.num_steps)
         self.kw = dict(graphdef=graphdef, tx=tx, schedule=schedule, spec=step_lib.StepSpec())
-        self.fail_at = np.int32(-1)
         t0 = time.perf_counter()
         self.compiled = step_lib.train_step.lower(
             state, self.batch, self.fail_at, None, **self.kw
@@ -104,6 +110,38 @@ class Variant:
         for _ in range(steps_before):  # warm; also lets routing move off its first batch
             self.call()
         self.times: list[float] = []
+
+    def _pretrain(self, arg: str, state: dict, steps: int) -> dict:
+        """The fresh state trained for `steps` steps on the training stream, as train.py would
+        (null calibration first, the config's schedule over `steps` steps): timing then sees
+        a trained router's routing. At initialization the routing is far from it: one or two
+        experts take most rows of this data and several get none (for K^4_0.5, a largest
+        group of 1200-1400 rows and 2-4 empty experts per layer; after 200 steps, 390-540
+        rows and none empty), and fewer, larger tiles run faster on CPU than balanced ones."""
+        if steps <= 0:
+            return state
+        c = _load_configs().get_config(arg)
+        c.num_steps, c.opt.warmup_steps = steps, min(c.opt.warmup_steps, steps // 4)
+        cfg = config_lib.from_config_dict(c)
+        tx, schedule = step_lib.make_optimizer(cfg.opt, cfg.num_steps)
+        kw = dict(graphdef=self.graphdef, tx=tx, schedule=schedule, spec=step_lib.StepSpec())
+        stream = data_lib.make_dataset(cfg.data, "train")
+        for i in range(steps):
+            batch = jax.device_put({k: jnp.asarray(v) for k, v in next(stream).items()})
+            if i == 0:
+                state = step_lib.calibrate_null_state(self.graphdef, state, batch)
+            state, m = step_lib.train_step(state, batch, self.fail_at, None, **kw)
+        jax.block_until_ready((state, m))
+        return state
+
+    def load_skew(self) -> float | None:
+        """The largest expert's share of the real rows times N, averaged over the MoE layers
+        (1 = perfectly balanced; N = one expert takes every row)."""
+        if self.cfg.moe is None:
+            return None
+        m = self.call()
+        loads = [np.asarray(layer["expert_load"]) for layer in m["moe"]]
+        return float(np.mean([load.max() * load.shape[0] for load in loads]))
 
     def recalibrate(self) -> None:
         """Null routers back at their density on this batch (training on one batch drifts)."""
@@ -151,6 +189,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     ap.add_argument("--calls", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--only", choices=("default", "fine", "all"), default="all")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=100,
+        help="train each variant this many steps before timing (0: time the initial routing)",
+    )
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown")
     ap.add_argument("--json", default=None, help="write every number to this file")
     args = ap.parse_args()
@@ -159,9 +203,12 @@ def main():
     chosen = {"default": DEFAULT, "fine": (DEFAULT[0], *FINE), "all": DEFAULT + FINE}[args.only]
     variants = []
     for label, arg in chosen:
-        v = Variant(label, arg, steps_before=3)
+        v = Variant(label, arg, steps_before=3, train_steps=args.train_steps)
         variants.append(v)
-        log(f"  compiled {label} ({arg}) in {v.compile_s:.0f} s")
+        log(
+            f"  {label} ({arg}): trained {args.train_steps} steps in {v.train_s:.0f} s, "
+            f"compiled the timed step in {v.compile_s:.0f} s"
+        )
     for r in range(args.rounds):
         for v in variants:
             v.recalibrate()
@@ -187,17 +234,17 @@ def report(variants, shares, json_path):
         "interleaved calls =="
     )
     head = f"{'variant':24s} {'ms':>7s} {'tok/s':>7s} {'/dense':>7s} {'best':>7s} {'/dense':>7s}"
-    head += f" {'real/tok':>8s}"
+    head += f" {'real/tok':>8s} {'skew':>5s}"
     if shares:
         head += "  " + " ".join(f"{c:>8s}" for c in order) + "  (ms)"
     print(head)
     rows = {}
     for v in variants:
         v.recalibrate()
-        rt = v.real_per_token()
+        rt, skew = v.real_per_token(), v.load_skew()
         line = f"{v.label:24s} {v.ms:7.1f} {v.tokens / v.ms * 1e3:7.0f} {v.ms / dense:7.3f}"
         line += f" {v.best_ms:7.1f} {v.best_ms / dense_best:7.3f}"
-        line += f" {rt:8.2f}" if rt is not None else " " * 9
+        line += f" {rt:8.2f} {skew:5.2f}" if rt is not None else " " * 15
         if shares:
             line += "  " + " ".join(f"{shares[v.label][c] * v.ms:8.1f}" for c in order)
         print(line)
@@ -209,6 +256,7 @@ def report(variants, shares, json_path):
             best_ms=v.best_ms,
             best_ratio_to_dense=v.best_ms / dense_best,
             real_per_token=rt,
+            load_skew=skew,
             times_ms=[1e3 * t for t in v.times],
             compile_s=v.compile_s,
             breakdown_ms={c: shares[v.label][c] * v.ms for c in cats} if shares else None,
@@ -227,6 +275,7 @@ def report(variants, shares, json_path):
     if json_path:
         with open(json_path, "w") as fh:
             out = dict(jax=jax.__version__, platform=jax.devices()[0].platform, tokens=tokens)
+            out["train_steps"] = variants[0].train_steps
             json.dump(dict(out, variants=rows, targets=targets), fh, indent=1)
         print(f"wrote {json_path}")
 
