@@ -14,14 +14,16 @@ density K*rho.
   python benchmarks/train_step.py --only default  # the six default-model variants
 
 Prints, per variant: median ms per step, tokens/s, the ratio to the dense step, the real
-experts per token, the load skew (largest expert's share of the rows times N), and where the time goes (XLA profiler, by named scope): router (logits,
-routing, statistics), dispatch (the assignment sort), experts (gather + expert FFN; the dense model's FFN), combine
+experts per token, the load skew (largest expert's share of the rows times N), and where
+the time goes (XLA profiler, by named scope): router (logits, routing, statistics), dispatch
+(the assignment sort), experts (gather + expert FFN; the dense model's FFN), combine
 (weighted scatter back to tokens), rest (attention, embeddings, dense layers, optimizer).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -83,6 +85,7 @@ class Variant:
     def __init__(self, label: str, arg: str, steps_before: int, train_steps: int = 0):
         c = _load_configs().get_config(arg)
         c.log.eval_every, c.log.tensorboard, c.log.progress, c.log.plots = 0, False, False, False
+        run_warmup = c.opt.warmup_steps  # the config's own warmup, for the pre-training run
         # A warmup of 10^6 steps keeps the learning rate near 0: the step computes exactly
         # what it does in training, but the weights, and so the routing, stay where the
         # calibration put them (training on one repeated batch would move them within steps).
@@ -96,7 +99,7 @@ class Variant:
         self.tokens = int(np.prod(self.batch["tokens"].shape)) + _image_tokens(cfg, self.batch)
         self.fail_at = np.int32(-1)
         t0 = time.perf_counter()
-        state = self._pretrain(arg, state, train_steps)
+        state = self._pretrain(state, train_steps, run_warmup)
         self.train_s, self.train_steps = time.perf_counter() - t0, train_steps
         state = step_lib.calibrate_null_state(graphdef, state, self.batch)
         tx, schedule = step_lib.make_optimizer(cfg.opt, cfg.num_steps)
@@ -111,21 +114,20 @@ class Variant:
             self.call()
         self.times: list[float] = []
 
-    def _pretrain(self, arg: str, state: dict, steps: int) -> dict:
+    def _pretrain(self, state: dict, steps: int, warmup: int) -> dict:
         """The fresh state trained for `steps` steps on the training stream, as train.py would
-        (null calibration first, the config's schedule over `steps` steps): timing then sees
+        (null calibration first, the config's schedule over `steps` steps, its warmup capped
+        at a quarter of them): timing then sees
         a trained router's routing. At initialization the routing is far from it: one or two
         experts take most rows of this data and several get none (for K^4_0.5, a largest
         group of 1200-1400 rows and 2-4 empty experts per layer; after 200 steps, 390-540
         rows and none empty), and fewer, larger tiles run faster on CPU than balanced ones."""
         if steps <= 0:
             return state
-        c = _load_configs().get_config(arg)
-        c.num_steps, c.opt.warmup_steps = steps, min(c.opt.warmup_steps, steps // 4)
-        cfg = config_lib.from_config_dict(c)
-        tx, schedule = step_lib.make_optimizer(cfg.opt, cfg.num_steps)
+        opt = dataclasses.replace(self.cfg.opt, warmup_steps=min(warmup, steps // 4))
+        tx, schedule = step_lib.make_optimizer(opt, steps)
         kw = dict(graphdef=self.graphdef, tx=tx, schedule=schedule, spec=step_lib.StepSpec())
-        stream = data_lib.make_dataset(cfg.data, "train")
+        stream = data_lib.make_dataset(self.cfg.data, "train")
         for i in range(steps):
             batch = jax.device_put({k: jnp.asarray(v) for k, v in next(stream).items()})
             if i == 0:
@@ -133,15 +135,6 @@ class Variant:
             state, m = step_lib.train_step(state, batch, self.fail_at, None, **kw)
         jax.block_until_ready((state, m))
         return state
-
-    def load_skew(self) -> float | None:
-        """The largest expert's share of the real rows times N, averaged over the MoE layers
-        (1 = perfectly balanced; N = one expert takes every row)."""
-        if self.cfg.moe is None:
-            return None
-        m = self.call()
-        loads = [np.asarray(layer["expert_load"]) for layer in m["moe"]]
-        return float(np.mean([load.max() * load.shape[0] for load in loads]))
 
     def recalibrate(self) -> None:
         """Null routers back at their density on this batch (training on one batch drifts)."""
@@ -158,11 +151,16 @@ class Variant:
             self.call()
             self.times.append(time.perf_counter() - t0)
 
-    def real_per_token(self) -> float | None:
+    def routing_stats(self) -> tuple[float | None, float | None]:
+        """(real experts per token, load skew) of one step, averaged over the MoE layers; the
+        skew is the largest expert's share of the real rows times N (1 = balanced, N = one
+        expert takes every row). (None, None) for the dense model."""
         if self.cfg.moe is None:
-            return None
-        m = self.call()
-        return float(np.mean([np.asarray(layer["real_per_token"]) for layer in m["moe"]]))
+            return None, None
+        layers = self.call()["moe"]
+        real = np.mean([np.asarray(layer["real_per_token"]) for layer in layers])
+        loads = [np.asarray(layer["expert_load"]) for layer in layers]
+        return float(real), float(np.mean([load.max() * load.shape[0] for load in loads]))
 
     @property
     def ms(self) -> float:
@@ -241,7 +239,7 @@ def report(variants, shares, json_path):
     rows = {}
     for v in variants:
         v.recalibrate()
-        rt, skew = v.real_per_token(), v.load_skew()
+        rt, skew = v.routing_stats()
         line = f"{v.label:24s} {v.ms:7.1f} {v.tokens / v.ms * 1e3:7.0f} {v.ms / dense:7.3f}"
         line += f" {v.best_ms:7.1f} {v.best_ms / dense_best:7.3f}"
         line += f" {rt:8.2f} {skew:5.2f}" if rt is not None else " " * 15
