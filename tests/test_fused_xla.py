@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moe_jax import experts
 from moe_jax.core.config import MoEConfig
-from moe_jax.experts.fused_xla import fused_moe_ffn, fused_tile_rows
+from moe_jax.experts.fused_xla import _Tiles, fused_moe_ffn, fused_tile_rows
 from moe_jax.moe import MoE
 
 T, D, F, N, R = 16, 12, 8, 3, 40  # fixed shapes (R > T: tokens repeat); sizes are traced
@@ -192,14 +192,21 @@ def test_moe_layer_program_has_no_row_sized_buffers():
     groups=st.integers(1, 512),
     d_model=st.sampled_from([16, 128, 512, 4096]),
     d_ff=st.sampled_from([8, 32, 128, 1024, 14336]),
+    group_share=st.floats(0.0, 1.0),
 )
 @settings(max_examples=300, deadline=None)
-def test_tile_rule_bounds_loops_and_masked_rows(rows, groups, d_model, d_ff):
+def test_tile_rule_bounds_loops_and_masked_rows(rows, groups, d_model, d_ff, group_share):
     """The automatic tiles: a full tile of at most 512 rows made of whole steps, at most 4 tile
     sizes (8 where a row's matmuls are big), so at most that many loops per group and pass
-    to compile, and fewer than one step of masked rows per group."""
+    to compile, and a group's tiles cover its rows with fewer than one step of masked rows."""
     tm, step = fused_tile_rows(rows, groups, d_model, d_ff)
     sizes = 8 if d_model * d_ff >= 2**18 else 4
     assert 8 <= step <= tm <= 512 and tm % step == 0
     assert tm // step <= sizes
     assert step <= max(8, 512 // sizes)
+    size = int(group_share * rows)  # one group's rows
+    tiles = _Tiles(jnp.zeros(1, jnp.int32), jnp.zeros(1), jnp.array([size]), 1, tm, step)
+    pieces = tiles.pieces(jnp.int32(0), jnp.int32(size))
+    assert len(pieces) == tm // step  # one loop per tile size
+    covered = sum(s * int(count) for s, _, count in pieces)
+    assert size <= covered < size + step
