@@ -11,12 +11,12 @@ setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["moe_jax", "moe_jax.*", "kernels_pallas", "kernels_pallas.*"]),
     package_data={"kernels_pallas": ["gpu_specs/*.txtpb"]},
     install_requires=[
-        "jax>=0.10.2,<0.12",
-        "jaxlib>=0.10.2,<0.12",
+        "jax>=0.10.2,<0.13",
+        "jaxlib>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
@@ -48,9 +48,10 @@ setup(
         "hf": ["tokenizers>=0.21"],
         # Compile-only TPU and NVIDIA targets on any machine (python -m moe_jax.aot, the compile
         # tests): libtpu and the CUDA PJRT plugin, pinned to the jax version they match.
-        "aot": ["jax[cuda12]==0.10.2", "libtpu==0.0.42.1"],
-        "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        "aot": ["jax[cuda12,tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
         "notebook": ["jupyter", "ipykernel>=6"],
         # The TensorBoard viewer for the scalars runs write to <workdir>/tb (tensorboardX).
         "tensorboard": ["tensorboard>=2.16"],

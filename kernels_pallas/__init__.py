@@ -5,10 +5,15 @@ Standalone: this package never imports moe_jax. Entry points:
 - tgmm(lhs [R, D], grad [R, F], group_sizes [G]) -> [G, D, F], the weight gradient.
 Both are differentiable; see ops.py for the full contract (group windows, dtypes, backends).
 The kernel (Mosaic on TPU, Triton on NVIDIA GPUs) is chosen when the program is lowered, for
-its target (dispatch.py). targets.py builds compile-only TPU / GPU devices for AOT checks.
+its target (dispatch.py). targets.py builds compile-only TPU / GPU devices for AOT checks. versions.py checks, before
+anything else imports jax, that the installed jax is in the supported range.
 """
 
-from kernels_pallas.blocks import (
+from kernels_pallas import versions
+
+versions.check_installed()
+
+from kernels_pallas.blocks import (  # noqa: E402
     DEFAULTS,
     GPU_TABLE,
     TABLE,
@@ -16,10 +21,10 @@ from kernels_pallas.blocks import (
     default_block_sizes,
     triton_block_sizes,
 )
-from kernels_pallas.dispatch import resolve_backend, triton_supported
-from kernels_pallas.ops import gmm, tgmm
-from kernels_pallas.reference import gmm_reference, tgmm_reference
-from kernels_pallas.schedule import Schedule, make_schedule
+from kernels_pallas.dispatch import resolve_backend, triton_supported  # noqa: E402
+from kernels_pallas.ops import gmm, tgmm  # noqa: E402
+from kernels_pallas.reference import gmm_reference, tgmm_reference  # noqa: E402
+from kernels_pallas.schedule import Schedule, make_schedule  # noqa: E402
 
 __all__ = [
     "DEFAULTS",

@@ -19,6 +19,7 @@ tracing (e.g. pick an XLA path on a T4) use triton_supported(device).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -36,6 +37,7 @@ from kernels_pallas.blocks import (
     triton_block_sizes,
     triton_smem_bytes,
 )
+from kernels_pallas.gpu_target import triton_target
 
 _NATIVE = {"tpu": "tpu", "cuda": "triton", "rocm": "triton", "gpu": "triton"}
 
@@ -148,7 +150,9 @@ def _lowering(
     else:
         n = other_aval.shape[1]
     bs = block_sizes
+    target = contextlib.nullcontext()
     if family == "triton" and platform == "cuda" and not interpret:
+        target = triton_target(_target_devices(ctx))
         smem = _gpu_smem(ctx)
         itemsize = np.dtype(lhs_aval.dtype).itemsize
         if bs is None:
@@ -162,7 +166,8 @@ def _lowering(
     else:
         fn = functools.partial(kernels.tgmm, num_groups=groups)
     fn = functools.partial(fn, out_dtype=out_dtype, block_sizes=bs, interpret=interpret)
-    return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
+    with target:  # the GPU jax's Triton lowering compiles for (gpu_target.py)
+        return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
 
 
 def _abstract_eval(

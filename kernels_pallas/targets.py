@@ -6,7 +6,7 @@ Target strings:
   Needs `libtpu` next to jax. A topology smaller than one host (a single chip) is built with
   chips_per_host_bounds equal to the topology itself.
 - "gpu:<name>x<count>", e.g. "gpu:h100x8", "gpu:a100x1" (count = number of GPUs). Needs
-  `jax[cuda12]`; run with JAX_PLATFORMS=cpu and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a machine
+  `jax[cuda12]` or `jax[cuda13]` (the `aot` extra brings the first); run with JAX_PLATFORMS=cpu and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a machine
   without a GPU. Each name has a text GpuTargetConfigProto in gpu_specs/ (vendor data sheets).
 
 Usage:
@@ -103,8 +103,9 @@ def _cuda_c_api():
     factory = xb._backend_factories.get("cuda")
     if factory is None or getattr(factory, "c_api", None) is None:
         raise ValueError(
-            "compile-only GPU devices need the CUDA PJRT plugin: pip install 'jax[cuda12]' "
-            "and run with JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 without a GPU"
+            "compile-only GPU devices need a CUDA PJRT plugin: pip install 'jax[cuda12]' (or "
+            "'jax[cuda13]') at the installed jax's version, and run with JAX_PLATFORMS=cpu "
+            "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 without a GPU"
         )
     return factory.c_api
 

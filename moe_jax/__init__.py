@@ -4,6 +4,7 @@ The house (each package imports only the ones before it; tests/test_layout.py ho
 core -> experts -> parallel -> moe -> model -> data -> train. kernels_pallas is standalone.
 """
 
+import kernels_pallas  # noqa: F401  (first: checks the installed jax version, see versions.py)
 from moe_jax.core import dispatch, flops, losses, routing, stats
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.routing import Routing

@@ -70,7 +70,7 @@ class MoE(nnx.Module):
         self.config = cfg
         self.parallel = parallel  # moe_jax.parallel.ExpertParallel or None (one device)
         self.deterministic = False
-        self.record_routing = False  # sow the expert ids of each call (see record_routing())
+        self.record_routing = False  # record the expert ids of each call (see record_routing())
         pdt = jnp.dtype(cfg.param_dtype)
         d, f, n = cfg.d_model, cfg.d_ff, cfg.num_experts
         self.router = nnx.Linear(
@@ -156,8 +156,11 @@ class MoE(nnx.Module):
             y, lb, z, st, ids = ep_forward(
                 xt, logits, mod, bias, params, cfg, self.parallel, train=train
             )
-        if self.record_routing:
-            self.sow(nnx.Intermediate, "expert_ids", ids)  # [T, S]; see routing_ids()
+        if self.record_routing:  # a tuple of every call's ids [T, S]; see routing_ids()
+            if hasattr(self, "expert_ids"):
+                self.expert_ids.set_value(self.expert_ids.get_value() + (ids,))
+            else:
+                self.expert_ids = nnx.Intermediate((ids,))
         if self.shared is not None:
             with jax.named_scope("shared_expert"):
                 y = y + self.shared(xt).astype(y.dtype)
@@ -295,7 +298,7 @@ def set_parallel(model: nnx.Module, ep: ExpertParallel | None) -> nnx.Module:
 
 
 def record_routing(model: nnx.Module, enabled: bool = True) -> nnx.Module:
-    """Opt every MoE layer inside `model` in (or out) of sowing its expert ids [T, S] as an
+    """Opt every MoE layer inside `model` in (or out) of recording its expert ids [T, S] in an
     nnx.Intermediate on each call; read them with routing_ids(model)."""
     for _, module in nnx.iter_graph(model):
         if isinstance(module, MoE):

@@ -16,8 +16,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kernels_pallas as kp
-from kernels_pallas import tpu as tpu_kernels
-from kernels_pallas import triton as triton_kernels
 from kernels_pallas.schedule import make_schedule, num_visits_bound
 
 R, D, F, G = 40, 20, 28, 6  # R, D, F are not multiples of the 16-wide tiles (nor D of 8)
@@ -236,21 +234,32 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("backend, platform", [("tpu", "tpu"), ("triton", "cuda")])
 def test_kernels_lower_natively(backend, platform):
-    """Without the hardware, still run the Mosaic / Triton lowering (jaxpr -> kernel IR) with
-    the default tiles on ragged shapes: catches ops or layouts the native compiler rejects
-    early. (The final Mosaic / ptxas compile needs the device.)"""
-    kernels = {"tpu": tpu_kernels, "triton": triton_kernels}[backend]
+    """Without the hardware or any device, still run the Mosaic / Triton lowering (jaxpr ->
+    kernel IR) of the public gmm / tgmm with the default tiles on ragged shapes: catches ops or
+    layouts the native compiler rejects early, on every supported jax (from 0.11 the Triton
+    lowering needs a GPU to compile for: kernels_pallas.gpu_target supplies the reference one).
+    (The final Mosaic / ptxas compile needs a target device: test_kernels_compile.py.)"""
     bs = kp.DEFAULTS[backend]
     r, d, f, g, dt = 1000, 1000, 1408, 8, jnp.bfloat16
     spec = jax.ShapeDtypeStruct
     gs, off = spec((g,), jnp.int32), spec((), jnp.int32)
-    common = dict(out_dtype=dt, block_sizes=bs, interpret=False)
+    common = dict(block_sizes=bs, backend=backend, interpret=False)
     calls = [
-        (functools.partial(kernels.gmm, transpose_rhs=False, **common), (r, d), (g, d, f)),
-        (functools.partial(kernels.gmm, transpose_rhs=True, **common), (r, f), (g, d, f)),
-        (functools.partial(kernels.tgmm, num_groups=g, **common), (r, d), (r, f)),
+        (lambda a, b, s, o: kp.gmm(a, b, s, group_offset=o, **common), (r, d), (g, d, f)),
+        (
+            lambda a, b, s, o: kp.gmm(a, b, s, group_offset=o, transpose_rhs=True, **common),
+            (r, f),
+            (g, d, f),
+        ),
+        (
+            lambda a, b, s, o: kp.tgmm(a, b, s, group_offset=o, num_groups=g, **common),
+            (r, d),
+            (r, f),
+        ),
     ]
+    native = {"tpu": "tpu_custom_call", "cuda": "triton"}
     for fn, a_shape, b_shape in calls:
         lowered = jax.jit(fn).trace(spec(a_shape, dt), spec(b_shape, dt), gs, off)
         text = lowered.lower(lowering_platforms=(platform,)).as_text()
-        assert "tpu_custom_call" in text or "triton" in text
+        assert native[platform] in text
+        assert native["tpu" if platform == "cuda" else "cuda"] not in text

@@ -6,12 +6,13 @@ the native kernel (`__gpu$xla.gpu.triton` / `tpu_custom_call`), i.e. the kernel 
 the target at lowering time and not the interpret-mode loop of a CPU run. Nothing runs. The
 shapes about shared-memory limits (D=4096/F=1024, D=2048/F=768) only compile.
 
-Needs the `aot` extra (`jax[cuda12]`, `libtpu`). Without it the tests skip locally and FAIL when
+Needs the `aot` extra (`jax[cuda12]` or `jax[cuda13]`, and `libtpu`). Without it the tests skip locally and FAIL when
 the CI environment variable is set, so CI cannot pass by silently skipping them.
 """
 
 import importlib.util
 import os
+import re
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
@@ -23,11 +24,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kernels_pallas as kp  # noqa: E402
-from kernels_pallas import targets  # noqa: E402
+from kernels_pallas import gpu_target, targets, versions  # noqa: E402
 from kernels_pallas.blocks import triton_smem_bytes  # noqa: E402
 
 KERNEL_CALL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
-PACKAGES = {"gpu": "jax_cuda12_plugin", "tpu": "libtpu"}
+PACKAGES = {"gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin"), "tpu": ("libtpu",)}
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 R, D, F, G = 512, 1408, 384, 256  # small; D is not a power of two, G is the largest we support
 
@@ -39,8 +40,8 @@ def _in_ci() -> bool:
 def _require(target: str) -> None:
     """Skip (locally) or fail (CI) when the packages for `target`'s platform are missing."""
     kind = target.split(":")[0]
-    if importlib.util.find_spec(PACKAGES[kind]) is None:
-        msg = f"{target} needs {PACKAGES[kind]}: pip install -e '.[aot]'"
+    if all(importlib.util.find_spec(p) is None for p in PACKAGES[kind]):
+        msg = f"{target} needs one of {PACKAGES[kind]}: pip install -e '.[aot]'"
         if _in_ci():
             pytest.fail(f"CI is set but {msg}")
         pytest.skip(msg)
@@ -189,3 +190,61 @@ def test_interpret_auto_is_native_on_targets_and_interpreted_on_cpu():
     np.testing.assert_allclose(
         jax.jit(fn)(x, w, sizes), kp.gmm_reference(x, w, sizes), rtol=1e-5, atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "target, cc", [("gpu:h100x1", 90), ("gpu:a100x1", 80), ("gpu:l4x1", 89), (None, 80)]
+)
+def test_triton_lowering_sees_the_target_gpu(target, cc):
+    """Inside gpu_target.triton_target, jax's Triton lowering reads the target GPU's compute
+    capability (jax >= 0.11 reads it from the default device or an abstract device; without
+    either it finds no GPU on a CPU host). No target device: the reference GPU, 8.0."""
+    _require("gpu:h100x1")
+    devices = [] if target is None else targets.compile_only_devices(target)
+    gpu_info = gpu_target._triton_gpu_info()
+    if gpu_info is None:  # jax 0.10: the lowering reads local GPUs itself; nothing to set
+        assert tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+        with gpu_target.triton_target(devices):
+            pass
+        return
+    with pytest.raises(ValueError):
+        gpu_info.get_gpu_info()  # a CPU host: no GPU to compile for
+    with gpu_target.triton_target(devices):
+        assert gpu_info.get_gpu_info().compute_capability == cc
+
+
+def test_jax_that_cannot_name_the_gpu_gets_a_clear_error(monkeypatch):
+    """jax 0.11.0 / 0.11.1 know GPUs by a fixed list of names: a GPU off the list gets an error
+    naming the jax that can lower for it, not jax's 'No supported GPU devices found'."""
+    _require("gpu:h100x1")
+    device = targets.compile_only_devices("gpu:h100x1")[0]
+    gpu_info = gpu_target._triton_gpu_info()
+    if gpu_info is None:  # jax 0.10 reads the capability of any local GPU
+        assert tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+        return
+
+    def unknown():
+        raise ValueError(f"Unsupported GPU device kind: {device.device_kind}")
+
+    monkeypatch.setattr(gpu_info, "get_gpu_info", unknown)
+    pattern = r"for the GPU 'NVIDIA H100[^']*' \(compute capability 9\.0\).*'jax>=0\.11\.2'"
+    with pytest.raises(ValueError, match=pattern):
+        with gpu_target.triton_target([device]):
+            pass
+
+
+@pytest.mark.parametrize("version", ["0.10.1", "0.9.0", "0.13.0", "1.0", "0.13.0.dev20261201"])
+def test_unsupported_jax_fails_at_import_naming_both_versions(version, monkeypatch):
+    with pytest.raises(ImportError, match=rf"jax>=0\.10\.2,<0\.13, but jax {re.escape(version)}"):
+        versions.check(version, "0.12.0.1")
+    monkeypatch.setattr(versions.metadata, "version", lambda name: version)
+    with pytest.raises(ImportError, match="MOE_JAX_SKIP_VERSION_CHECK"):
+        versions.check_installed()
+    monkeypatch.setenv("MOE_JAX_SKIP_VERSION_CHECK", "1")
+    versions.check_installed()
+
+
+@pytest.mark.parametrize("version", ["0.10.2", "0.11.2", "0.12.0.1", "0.12.9"])
+def test_supported_jax_passes_the_import_check(version):
+    versions.check(version, version)
+    versions.check_installed()  # the jax this suite runs on

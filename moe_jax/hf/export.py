@@ -123,7 +123,7 @@ def export_mixtral(model: Transformer, directory: str, dtype: str | None = None)
     check_mixtral(cfg)
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
     dense = cfg.replace(moe=None, moe_every=0)
     for name, path, transpose in weight_map(dense):
@@ -159,7 +159,7 @@ def save_native(model: Transformer, directory: str) -> str:
     state = nnx.state(model, nnx.Not(nnx.Intermediate))
     tensors = {
         _path_name(path): np.asarray(jax.device_get(leaf))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(state.to_pure_dict())
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
     }
     cfg = dataclasses.asdict(model.cfg)
     os.makedirs(directory, exist_ok=True)
@@ -190,7 +190,7 @@ def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transform
     """(model, model_config) from a save_native folder; every array as it was saved."""
     cfg = native_config(directory)
     graphdef, state = abstract_model(cfg)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     reader = CheckpointReader(directory)
     leaves = jax.tree_util.tree_leaves_with_path(pure)
     names = {_path_name(p) for p, _ in leaves}
@@ -212,5 +212,5 @@ def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transform
         pure = jax.tree_util.tree_map_with_path(fill, pure)
     finally:
         reader.close()
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), cfg

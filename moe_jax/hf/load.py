@@ -139,8 +139,8 @@ def load_model(
     reader = CheckpointReader(path)
     try:
         graphdef, state = abstract_model(cfg)
-        pure = load_params(reader, cfg, state.to_pure_dict(), sharding)
+        pure = load_params(reader, cfg, nnx.to_pure_dict(state), sharding)
     finally:
         reader.close()
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), cfg

@@ -41,7 +41,7 @@ def load_dense(path: str, cfg: ModelConfig) -> Transformer:
     reader = CheckpointReader(path)
     try:
         graphdef, state = abstract_model(cfg)
-        state.replace_by_pure_dict(load_params(reader, cfg, state.to_pure_dict()))
+        nnx.replace_by_pure_dict(state, load_params(reader, cfg, nnx.to_pure_dict(state)))
     finally:
         reader.close()
     return nnx.merge(graphdef, state)

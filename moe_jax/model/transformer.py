@@ -390,7 +390,7 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
 def forward_with_routing(model: nnx.Module, *args, **kwargs):
     """(model(*args, **kwargs), [(expert ids [T, S], N)] per MoE call in graph order).
 
-    The MoE layers sow their ids only for this call (opt-in, see moe.record_routing). Use it
+    The MoE layers record their ids only for this call (opt-in, see moe.record_routing). Use it
     inside jax.jit and return the ids: they are the routing of the traced forward."""
     record_routing(model, True)
     try:

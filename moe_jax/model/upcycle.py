@@ -99,10 +99,10 @@ def upcycle(
     with dense_cfg). Blocks i with (i+1) % moe_every == 0 become MoE blocks."""
     if isinstance(dense, Transformer):
         dense_cfg = dense.cfg
-        params = nnx.state(dense, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(dense, nnx.Param))
     else:
         _check(dense_cfg is not None, "dense_cfg", dense_cfg, "required when passing a state")
-        params = dense.to_pure_dict() if isinstance(dense, nnx.State) else dense
+        params = nnx.to_pure_dict(dense) if isinstance(dense, nnx.State) else dense
     f, g = dense_cfg.d_ff, granularity
     _check(not dense_cfg.moe_layers, "dense", "MoE model", "the source model must be dense")
     _check(isinstance(g, int) and g >= 1 and f % g == 0, "granularity", g, f"must divide d_ff={f}")
@@ -124,7 +124,7 @@ def upcycle(
     k_model, k_ffn = jax.random.split(rng)
     model = Transformer(cfg, rngs=nnx.Rngs(k_model))
     state = nnx.state(model, nnx.Param)
-    new = state.to_pure_dict()
+    new = nnx.to_pure_dict(state)
     _copy_matching(new, params)
     for i, key in zip(cfg.moe_layers, jax.random.split(k_ffn, max(len(cfg.moe_layers), 1))):
         src = params["blocks"][i]["ffn"]
@@ -141,6 +141,6 @@ def upcycle(
         dst = new["blocks"][i]["ffn"]
         for name, value in experts.items():
             dst[name] = value.astype(dst[name].dtype)
-    state.replace_by_pure_dict(new)
+    nnx.replace_by_pure_dict(state, new)
     nnx.update(model, state)
     return model

@@ -233,7 +233,7 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
     # parameter's reading the old moments, and so copy every donated moment first (measured:
     # 48 copies and +50% optimizer time over 3M parameters; the cond has none).
     with jax.named_scope("optimizer"):
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state, new_rest, _):
