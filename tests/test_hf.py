@@ -69,7 +69,7 @@ def test_fidelity_fields_matter(checkpoint):
     cfg = cfg.replace(**{field: wrong})
     graphdef, state = hf.load.abstract_model(cfg)
     reader = CheckpointReader(path)
-    state.replace_by_pure_dict(hf.load.load_params(reader, cfg, state.to_pure_dict()))
+    nnx.replace_by_pure_dict(state, hf.load.load_params(reader, cfg, nnx.to_pure_dict(state)))
     assert np.abs(_logits(nnx.merge(graphdef, state), H.tokens()) - ref).max() > 1e-3
 
 
@@ -120,7 +120,7 @@ def _random_checkpoint(directory, d=256, f=1024, layers=4, vocab=1024):
         **dict(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
     }
     mcfg = hf.model_config(cfg)
-    abstract = hf.load.abstract_model(mcfg)[1].to_pure_dict()
+    abstract = nnx.to_pure_dict(hf.load.abstract_model(mcfg)[1])
     tensors = {}
     for name, path, transpose in hf.weight_map(mcfg):
         leaf = abstract
@@ -144,7 +144,7 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     largest = max(t.nbytes for t in tensors.values())
     cfg = hf.model_config(hf.read_config(path))
     graphdef, state = hf.load.abstract_model(cfg)
-    abstract = state.to_pure_dict()
+    abstract = nnx.to_pure_dict(state)
     reader = CheckpointReader(path)
     tracemalloc.start()
     params = hf.load.load_params(reader, cfg, abstract)

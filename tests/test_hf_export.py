@@ -109,7 +109,7 @@ def test_null_expert_model_round_trips_exactly(tmp_path):
     path = hf.save_native(model, str(tmp_path / "native"))
     back, cfg = hf.load_native(path)
     assert cfg == model.cfg
-    a, b = nnx.state(model).to_pure_dict(), nnx.state(back).to_pure_dict()
+    a, b = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(back))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
     tokens = jnp.asarray(H.tokens(6))
     np.testing.assert_array_equal(_forward(model, tokens), _forward(back, tokens))

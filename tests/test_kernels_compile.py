@@ -248,3 +248,25 @@ def test_unsupported_jax_fails_at_import_naming_both_versions(version, monkeypat
 def test_supported_jax_passes_the_import_check(version):
     versions.check(version, version)
     versions.check_installed()  # the jax this suite runs on
+
+
+def test_ampere_gpu_off_jax_name_lists_compiles():
+    """A GPU that jax 0.11.0 / 0.11.1 do not know by name (A100's spec renamed to an RTX A6000 at
+    compute capability 8.6) compiles the native kernel on the jax under test (0.10.2 reads local
+    GPUs, >= 0.11.2 the device's capability); 0.11.1 gives the clear error tested above."""
+    _require("gpu:a100x1")
+    from jaxlib import xla_client
+
+    text = targets.gpu_spec_text("a100")
+    text = re.sub(
+        r'device_description_str: "[^"]*"', 'device_description_str: "NVIDIA RTX A6000"', text
+    )
+    text = re.sub(r"(cuda_compute_capability \{\s*major: 8\s*minor: )0", r"\g<1>6", text)
+    topo = xla_client.make_c_api_device_topology(
+        targets._cuda_c_api(), "", target_config=text, topology="1x1x1"
+    )
+    devices = list(topo._make_compile_only_devices())
+    assert devices[0].device_kind == "NVIDIA RTX A6000" and devices[0].compute_capability == "8.6"
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    compiled, n_kernels = _compile(mesh, "vjp", jnp.bfloat16, R, D, F, 8)
+    _assert_native(compiled, "gpu:a6000x1", n_kernels)
