@@ -59,7 +59,7 @@ def _train(python: str, workdir: str, stop: int = 0) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line.removeprefix("RESULT "))
+    return dict(json.loads(line.removeprefix("RESULT ")), stdout=proc.stdout)
 
 
 def _rows(workdir: str) -> list[dict]:
@@ -90,6 +90,7 @@ def test_workdir_resumes_across_jax_versions(runs, direction):
     assert stopped["jax"] != resumed["jax"], "both environments have the same jax"
     assert stopped["status"] == "preempted" and stopped["step"] == STOP
     assert resumed["status"] == "done" and resumed["step"] == STEPS
+    assert f"resumed from the checkpoint at step {STOP}" in resumed["stdout"], resumed["stdout"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     # The grain iterator state crossed too: the same batches as the uninterrupted run.
     assert [r["data/crc32"] for r in rows] == [r["data/crc32"] for r in straight_rows]
