@@ -5,8 +5,9 @@
     python train.py --config=configs/default.py:smoke --config.num_steps=50
     python train.py --config=configs/default.py --config.moe.rho=0.25 --config.moe.top_k=8
 
-Re-running with the same workdir resumes from its latest complete checkpoint. SIGTERM saves a
-checkpoint at the current step and exits with status 0; a NaN/Inf loss exits with status 1;
+Re-running with the same workdir resumes from its latest complete checkpoint. SIGTERM or Ctrl-C
+saves a checkpoint at the current step and exits with status 0 (a second Ctrl-C aborts at once,
+status 130); a NaN/Inf loss exits with status 1;
 an invalid config or data file prints one line `error: <message naming the field>` and exits
 with status 2. Multi-host: the same command on every host with the same --workdir; see README
 "Training across hosts" (config.dist.* and config.mesh.*). Switching router on the command line (--config.moe.router=topk) drops the
@@ -75,6 +76,13 @@ def main(argv):
         sys.exit(2)
     try:
         train.run(cfg, workdir)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops cleanly)
+        print(
+            f"aborted by a second Ctrl-C; {workdir} keeps its last complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
     except train.NonFiniteLossError as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)

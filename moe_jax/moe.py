@@ -179,7 +179,7 @@ class MoE(nnx.Module):
         null = cfg.router == "null"
         target = 1.0 - cfg.density
         prev = self.null_state[...][0] if null else None
-        scale = jax.lax.stop_gradient(jnp.std(logits[:, : cfg.num_experts].astype(jnp.float32)))
+        scale = routing.logit_scale(logits[:, : cfg.num_experts])  # robust to bad tokens
         self.selection_bias[...] = routing.update_selection_bias(
             bias,
             expert_load=aux["expert_load"],

@@ -151,3 +151,59 @@ def test_default_model_starts_at_its_density(variant, target):
     off = _default_model_step1_ratio(variant, False)
     assert np.all(np.abs(on - target) <= 0.05), on
     assert np.mean(np.abs(off - target)) > 0.05, off
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_one_bad_token_does_not_poison_calibration(bad):
+    """calibrate_null on a batch with one NaN, Inf or 1e30 token: the bias comes from the
+    finite tokens (a huge token moves only its own breakpoints), so routing afterwards is at
+    1 - rho on clean batches instead of all null."""
+    x = jax.random.normal(jax.random.key(1), (4, 32, 16))
+    clean = _layer()
+    calibrate_null(clean, x)
+    layer = _layer()
+    calibrate_null(layer, x.at[2, 5].set(bad))
+    b_clean, b_bad = float(clean.selection_bias[...][N]), float(layer.selection_bias[...][N])
+    assert np.isfinite(b_bad)
+    assert abs(b_bad - b_clean) < 0.5, (b_bad, b_clean)
+    _, aux = layer(jax.random.normal(jax.random.key(2), (4, 32, 16)))
+    assert abs(float(aux["null_ratio"]) - 0.5) < 0.1, float(aux["null_ratio"])
+
+
+def test_calibration_is_exact_at_the_breakpoints():
+    """The real-slot count is a step function of the bias: the calibrated bias lies strictly
+    inside the step that gives exactly the target count (here reachable: T K rho slots), so
+    the batch's null ratio equals 1 - rho exactly and nudging the bias by a small fraction of
+    the step width changes nothing."""
+    t, k, m = 64, 4, 8
+    logits = jax.random.normal(jax.random.key(3), (t, N + 1))
+    bias = routing.calibrate_null_bias(logits, top_k=k, num_nulls=m, target_null_ratio=0.5)
+    for eps in (0.0, 1e-4, -1e-4):
+        r = routing.null_router(logits, top_k=k, num_nulls=m, selection_bias=bias.at[N].add(eps))
+        assert float(jnp.sum(r.null_slots)) == t * k * 0.5, eps
+    # All tokens non-finite: nothing to calibrate on, the bias is kept.
+    start = jnp.zeros(N + 1).at[N].set(0.3)
+    kept = routing.calibrate_null_bias(
+        jnp.full((t, N + 1), jnp.nan),
+        top_k=k,
+        num_nulls=m,
+        target_null_ratio=0.5,
+        selection_bias=start,
+    )
+    np.testing.assert_array_equal(kept, start)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_one_bad_token_does_not_set_the_controller_step(bad):
+    """The PI controller's unit (routing.logit_scale) ignores non-finite and outlier tokens:
+    one bad token changes it by well under 10% (it was NaN, Inf or ~1e29 with a plain std)."""
+    logits = 2.0 * jax.random.normal(jax.random.key(4), (128, N))
+    clean = float(routing.logit_scale(logits))
+    assert clean == pytest.approx(float(jnp.std(logits)), rel=1e-5)  # no token left out
+    poisoned = float(routing.logit_scale(logits.at[7].set(bad)))
+    assert np.isfinite(poisoned) and poisoned == pytest.approx(clean, rel=0.1)
+    # And through a training call: the controller moves the null bias by a normal step.
+    layer = _layer(null_calibrate=False, null_bias_update_rate=0.5, null_controller="pi")
+    x = jax.random.normal(jax.random.key(5), (4, 32, 16))
+    layer(x.at[1, 3].set(bad))
+    assert abs(float(layer.selection_bias[...][N])) < 5.0

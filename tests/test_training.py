@@ -24,6 +24,7 @@ from configs import default  # noqa: E402
 from moe_jax import train as training  # noqa: E402
 from moe_jax.train import config as train_config  # noqa: E402
 from moe_jax.train import metrics  # noqa: E402
+from moe_jax.train.preempt import Preemption  # noqa: E402
 
 SMOKE_STEPS = 30
 
@@ -296,6 +297,13 @@ def chain(tmp_path_factory):
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     out["term"] = (p.returncode, stdout, stderr, _steps(wd))
+    # 1b. Restart, then Ctrl-C (SIGINT) a few steps later: saves and exits like SIGTERM.
+    before = _last_logged(wd)
+    p = _cli(wd, cache)
+    _wait_for(lambda: _last_logged(wd) >= before + 3, p)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    out["int"] = (p.returncode, stdout, stderr, _steps(wd))
     # 2. Restart, then SIGKILL once it has saved a checkpoint of its own.
     before = max(_steps(wd) or [0])
     p = _cli(wd, cache)
@@ -319,6 +327,28 @@ def chain(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_checkpoint_at_current_step_like_sigterm(chain):
+    rc, stdout, stderr, steps = chain["int"]
+    assert rc == 0, stderr[-3000:]
+    assert "Ctrl-C: saving a checkpoint" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    m = re.search(r"preempted: saved a checkpoint at step (\d+)", stdout + stderr)
+    assert m, stdout
+    assert steps[-1] == int(m.group(1)) > chain["term"][3][-1], (m.group(1), steps)
+
+
+def test_second_ctrl_c_aborts_without_waiting_for_the_save():
+    with Preemption() as preempt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert preempt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    # The previous handlers are back: SIGINT raises KeyboardInterrupt as usual.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_at_current_step(chain):
     rc, stdout, stderr, steps = chain["term"]
     assert rc == 0, stderr[-3000:]
@@ -330,10 +360,10 @@ def test_sigterm_saves_checkpoint_at_current_step(chain):
 
 @pytest.mark.slow
 def test_sigkill_then_restart_resumes_and_skips_corrupted_checkpoint(chain):
-    term_step = chain["term"][3][-1]
+    int_step = chain["int"][3][-1]  # the Ctrl-C run's checkpoint
     rc, stdout, _, _ = chain["kill"]
     assert rc == -signal.SIGKILL
-    assert f"resumed from the checkpoint at step {term_step}" in stdout, stdout
+    assert f"resumed from the checkpoint at step {int_step}" in stdout, stdout
     rc, stdout, stderr, steps = chain["final"]
     assert rc == 0, stderr[-3000:]
     corrupted = chain["corrupted"]

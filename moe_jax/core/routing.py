@@ -73,6 +73,22 @@ def update_selection_bias(
     return jax.lax.stop_gradient(out)
 
 
+def logit_scale(real_logits: jax.Array) -> jax.Array:
+    """The spread (standard deviation) of the real router logits [T, N] that sets the PI
+    controller's units, over the tokens that are finite and not outliers (a token whose
+    largest |logit| is over 10x the median token's is left out), so one NaN, Inf or huge token
+    cannot set the controller's step. On ordinary batches no token is left out."""
+    real = real_logits.astype(jnp.float32)
+    mag = jnp.max(jnp.abs(real), axis=1)  # [T]; NaN / Inf for non-finite tokens
+    finite = jnp.isfinite(mag)
+    median = jnp.nanmedian(jnp.where(finite, mag, jnp.nan))
+    keep = (finite & (mag <= 10.0 * median + 1e-6))[:, None]  # [T, 1]
+    count = jnp.maximum(jnp.sum(keep) * real.shape[1], 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(keep, real, 0.0)) / count
+    var = jnp.sum(jnp.where(keep, (real - mean) ** 2, 0.0)) / count
+    return jax.lax.stop_gradient(jnp.sqrt(var))
+
+
 def calibrate_null_bias(
     logits: jax.Array,
     *,
@@ -80,39 +96,47 @@ def calibrate_null_bias(
     num_nulls: int,
     target_null_ratio: float,
     selection_bias: jax.Array | None = None,
-    iters: int = 40,
 ) -> jax.Array:
-    """The null-logit selection bias b that makes this batch's null ratio 1 - rho.
+    """The null-logit selection bias b that makes this batch's null ratio 1 - rho, exactly.
 
     logits [T, N+1] (column N = null logit); selection_bias [N+1] is the current bias (its
-    null entry is replaced). The null ratio mean_t (K - r_t(b)) / K, with r_t(b) the real
-    slots of token t when the null logit is shifted by b, is a non-decreasing step function
-    of b, so bisection between a b where every slot that can be real is real and one where
-    none is finds the crossing. Returns the bias [N+1] with the null entry set to b.
+    null entry is replaced). Tokens with a non-finite logit are left out. Returns the bias
+    [N+1] with the null entry set to b (unchanged when no token is finite).
+
+    With d_tj = real_tj - null_t, token t has r_t(b) = max(K - M, #{j among its top
+    min(K, N) d's: d_tj > b}) real slots, so the batch's real-slot count is a step function
+    of b that drops by one at each breakpoint d_t(i), i = K-M+1 .. min(K, N) (its i-th largest
+    d). 1. Collect those T x (min(K, N) - max(K - M, 0)) breakpoints of the finite tokens and
+    sort them. 2. The target allows c = floor(T K (1 - (1 - rho)) - T max(K - M, 0)) of them
+    above b. 3. b is the midpoint between the c-th and (c+1)-th largest, the middle of the
+    interval where the count is exactly c (one unit below / above all of them when c is out
+    of range). No bisection over a range set by extreme logits: one huge token moves only its
+    own breakpoints.
     """
     n = logits.shape[1] - 1
     sel = logits if selection_bias is None else logits + selection_bias
-    sel = jax.lax.stop_gradient(sel)
+    sel = jax.lax.stop_gradient(sel).astype(jnp.float32)
     # Real logits with their per-expert selection bias; the null logit without its current
     # bias, since b replaces it (so a calibrated layer recalibrates to the same b).
-    real, null = sel[:, :n], jax.lax.stop_gradient(logits[:, n])  # [T, N], [T]
-
-    def ratio(b):
-        r = _real_slots(real, null + b, top_k, num_nulls)  # [T]
-        return jnp.mean((top_k - r).astype(jnp.float32)) / top_k
-
-    lo = jnp.min(real) - jnp.max(null) - 1.0  # every real logit above the null one
-    hi = jnp.max(real) - jnp.min(null) + 1.0  # none above
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        below = ratio(mid) < target_null_ratio
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    real = sel[:, :n]  # [T, N]
+    null = jax.lax.stop_gradient(logits[:, n]).astype(jnp.float32)  # [T]
+    finite = jnp.all(jnp.isfinite(real), axis=1) & jnp.isfinite(null)  # [T]
+    n_ok = jnp.sum(finite)
+    k_cap, floor = min(top_k, n), max(top_k - num_nulls, 0)
     base = jnp.zeros((n + 1,), logits.dtype) if selection_bias is None else selection_bias
-    return jax.lax.stop_gradient(base.at[n].set(0.5 * (lo + hi)))
+    if k_cap <= floor:  # no breakpoint: every token has exactly min(K, N) real slots
+        return jax.lax.stop_gradient(base)
+    d = jnp.where(finite[:, None], real - null[:, None], -jnp.inf)  # [T, N]
+    top = jax.lax.top_k(d, k_cap)[0][:, floor:]  # [T, k_cap - floor], each row descending
+    points = jnp.sort(top.reshape(-1))[::-1]  # [P] descending, left-out tokens (-inf) last
+    n_points = n_ok * (k_cap - floor)
+    allowed = n_ok * top_k * (1.0 - target_null_ratio) - n_ok * floor
+    c = jnp.clip(jnp.floor(allowed + 1e-4).astype(jnp.int32), 0, n_points)
+    above = points[jnp.maximum(c - 1, 0)]  # the c-th largest: stays above b
+    below = points[jnp.minimum(c, jnp.maximum(n_points - 1, 0))]  # the (c+1)-th: drops
+    b = jnp.where(c == 0, above + 1.0, jnp.where(c == n_points, below - 1.0, 0.5 * (above + below)))
+    b = jnp.where(n_ok > 0, b, base[n].astype(jnp.float32))
+    return jax.lax.stop_gradient(base.at[n].set(b.astype(base.dtype)))
 
 
 def _real_slots(sel_real: jax.Array, null_sel: jax.Array, top_k: int, num_nulls: int):
