@@ -172,3 +172,20 @@ def test_loading_onto_a_sharding(checkpoint):
     model, _ = hf.load_model(path, sharding=place)
     assert model.blocks[0].ffn.w_in.kernel[...].sharding == split
     np.testing.assert_allclose(_logits(model, H.tokens()), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_tied_config_with_a_distinct_head_is_refused(tmp_path):
+    """tie_word_embeddings: true next to an lm_head.weight that is not the embedding: loading it
+    tied would silently change the logits (transformers uses the stored head), so the load is
+    refused naming the conflict; a head equal to the embedding is the tied copy and loads."""
+    path, tensors = _random_checkpoint(str(tmp_path / "ckpt"), d=32, f=64, layers=1, vocab=64)
+    cfg = hf.read_config(path)
+    cfg["tie_word_embeddings"] = True
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings.*lm_head\.weight differs"):
+        hf.load_model(path)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(os.path.join(path, "model.safetensors"), tensors)
+    model, mcfg = hf.load_model(path)
+    assert mcfg.tie_embeddings

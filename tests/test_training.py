@@ -7,6 +7,7 @@ latest checkpoint, restart to the end).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -422,3 +423,25 @@ def test_expert_parallel_run_matches_single_device(straight, tmp_path):
     ep_losses = [r["loss"] for r in rows_of(str(tmp_path))]
     one_device = [r["loss"] for r in straight[2][:3]]
     assert ep_losses == pytest.approx(one_device, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_fresh_start_in_a_used_workdir_moves_the_old_run_aside(tmp_path):
+    """ckpt.resume=False with a new seed in a used workdir, interrupted before its first save,
+    then rerun: the rerun must not resume the old run's checkpoint. The fresh start moves the
+    old run into previous/<time>/ before writing anything, so config.json, the checkpoints
+    and the metrics describe one run."""
+    wd = str(tmp_path / "run")
+    kw = {"num_steps": 6, "ckpt.every_steps": 3, "log.plots": False}
+    training.run(smoke(**kw), wd)
+    old_steps = _steps(wd)
+    with pytest.raises(training.NonFiniteLossError):  # dies at step 2, before its first save
+        training.run(smoke(seed=1, fail_at_step=2, **{"ckpt.resume": False, **kw}), wd)
+    moved = os.listdir(os.path.join(wd, "previous"))
+    assert len(moved) == 1 and _steps(os.path.join(wd, "previous", moved[0])) == old_steps
+    assert _steps(wd) == []
+    result = training.run(smoke(seed=1, **kw), wd)  # the rerun (resume on): nothing to resume
+    assert result["status"] == "done" and not result.get("already_done")
+    stored = json.load(open(os.path.join(wd, "config.json")))["config"]
+    assert stored["seed"] == 1
+    assert [r["step"] for r in rows_of(wd)] == list(range(1, 7))

@@ -105,8 +105,19 @@ def load_params(
         )
         _set(abstract, path, _place(reader.get(name), transpose, np.dtype(want.dtype), target))
         used.add(name)
-    if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # some tied checkpoints store the head copy too
+    if cfg.tie_embeddings and "lm_head.weight" in reader:
+        # Some tied checkpoints store the head's copy too; a head that differs is a conflict
+        # (transformers would use it, a tied model cannot): refuse rather than drop it.
+        head, embed = reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise ValueError(
+                f"{reader.directory}: config.json sets tie_word_embeddings: true, but "
+                "lm_head.weight differs from model.embed_tokens.weight, so the checkpoint's "
+                "head is not the tied one. Set tie_word_embeddings to false in config.json to "
+                "load its separate head (what transformers computes with), or drop "
+                "lm_head.weight to load it tied."
+            )
+        used.add("lm_head.weight")
     extra = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
     if extra:
         raise ValueError(

@@ -144,6 +144,11 @@ class Loop:
 
     def _run(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
+        if not cfg.ckpt.resume and self.main:  # a fresh start: the workdir holds this run only
+            if moved := workdir_lib.move_previous_run(self.workdir):
+                self._print(f"ckpt.resume=False: moved the previous run here to {moved}")
+        if not cfg.ckpt.resume and self.multi:
+            multihost.sync("fresh_start")  # the others wait until process 0 moved it
         self.ckpt = Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             every_steps=cfg.ckpt.every_steps,

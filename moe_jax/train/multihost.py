@@ -110,6 +110,11 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def sync(name: str) -> None:
+    """Every process waits here until all of them arrive (a barrier named `name`)."""
+    multihost_utils.sync_global_devices(f"moe_jax:{name}")
+
+
 def check_same_config(config_json: dict) -> None:
     """Every process must run the same config (dist.process_id aside): ValueError otherwise,
     raised on every process, before any model is built."""

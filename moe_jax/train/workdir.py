@@ -33,12 +33,14 @@ import json
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 REPORT_FILE = "report.txt"
+PREVIOUS_DIR = "previous"  # earlier runs moved aside by a fresh start (move_previous_run)
 ALLOW_ENV = "MOE_JAX_ALLOW_CONFIG_CHANGE"
 # Field paths (below "config.") that may differ on resume; a trailing ".*" covers a section.
 SAFE_TO_CHANGE = (
@@ -224,3 +226,25 @@ def read_report(workdir: str) -> str | None:
 def write_report(workdir: str, report: str) -> None:
     with open(os.path.join(workdir, REPORT_FILE), "w", encoding="utf-8") as f:
         f.write(report + "\n")
+
+
+def move_previous_run(workdir: str) -> str | None:
+    """A fresh start (ckpt.resume=False) in a workdir that holds a run: moves that run's files
+    (checkpoints, config.json, metrics, report, plots, TensorBoard events) into
+    <workdir>/previous/<UTC time>/ before anything is written, so config.json, the
+    checkpoints, metrics.jsonl and report.txt always describe one run (a later resume cannot
+    pick up the old run's checkpoint). Returns where they went; None when nothing was there."""
+    names = sorted(
+        n for n in os.listdir(workdir) if not n.startswith(LOCK_FILE) and n != PREVIOUS_DIR
+    )
+    if not names:
+        return None
+    base = os.path.join(workdir, PREVIOUS_DIR, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    dest, i = base, 0
+    while os.path.exists(dest):
+        i += 1
+        dest = f"{base}-{i}"
+    os.makedirs(dest)
+    for name in names:
+        os.rename(os.path.join(workdir, name), os.path.join(dest, name))
+    return dest
