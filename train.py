@@ -58,6 +58,24 @@ def _exec_with_huge_pages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+def _parse_flags(argv):
+    """absl's flag parsing; an override of a config field that does not exist (ml_collections
+    raises AttributeError / KeyError) becomes one line naming it, status 2."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:
+        key = str(err).strip("\"'")
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [a for a in given if key in a.split(".")] or given
+        print(
+            f"error: {', '.join(bad)}: the config has no field {key!r} (its fields and their "
+            "comments are in the config file, e.g. configs/default.py)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -71,6 +89,7 @@ def main(argv):
     try:  # every config and data-file error, before anything is built: one line, status 2
         train.multihost.initialize(config)  # several processes: before any device is touched
         cfg = train.from_config_dict(config)
+        train.workdir.check_workdir(workdir)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -91,6 +110,7 @@ def main(argv):
         train.ConfigMismatchError,
         train.CheckpointMismatchError,
         train.WorkdirBusyError,
+        train.WorkdirError,
     ) as err:
         # resume refused (another config, a checkpoint of other shapes) or the workdir in use
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -99,4 +119,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _exec_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -151,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.text_len = 24  # text tokens per row: bos + at most text_len - 1 caption tokens + eos
     d.batch_size = 16  # global batch (sequences of 64 patch + 24 text tokens)
     d.n_eval = 256  # held-out records for the eval loop
+    d.n_train = placeholder(int)  # train records; None: shapes 100_000, files all but n_eval
     d.max_shapes = 3  # shapes per scene (1..5)
     d.num_workers = 0  # grain worker processes (0 = main process)
     d.paths = ()  # manifest / text files for the file kinds (README "Training on your own files")

@@ -3,6 +3,7 @@ file or line (own data files, non-finite floats, MoE inputs, mesh, command line)
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -246,3 +247,62 @@ def test_tensorboard_extra_and_own_files_section():
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[tensorboard]" && tensorboard --logdir' in readme
     assert "## Training on your own files" in readme
+
+
+def _train_py(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config=configs/default.py:smoke", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_faults_are_one_line_naming_the_field_or_file(tmp_path):
+    """An unknown config field, a workdir that is a file and a truncated config.json in the
+    workdir: one line `error: ...` naming it, status 2, no traceback, nothing trained."""
+    as_file = tmp_path / "a_file"
+    as_file.write_text("")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text('{"fingerprint": "ab')
+    cases = [
+        (
+            [f"--workdir={tmp_path / 'x'}", "--config.data.nope=1"],
+            r"--config\.data\.nope: .*'nope'",
+        ),
+        ([f"--workdir={as_file}"], rf"workdir {as_file} is a file"),
+        ([f"--workdir={truncated}"], rf"{truncated / 'config.json'} is unreadable"),
+    ]
+    for args, pattern in cases:
+        r = _train_py(tmp_path, *args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and re.search(pattern, last), (args, last)
+
+
+def test_config_faults_name_their_field():
+    with pytest.raises(ValueError, match=r"config\.model\.d_model=0 is invalid"):
+        from_config_dict(_train_dict(**{"model.d_model": 0}))
+    c = _train_dict()
+    c.data.n_train = 200  # documented, and settable (also as --config.data.n_train)
+    assert from_config_dict(c).data.n_train == 200
+
+
+def test_hf_checkpoint_faults_name_the_key_or_file(tmp_path):
+    from moe_jax import hf
+    from moe_jax.data.hf_tokenizer import HFTokenizer
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32}
+    cfg |= dict(num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    with pytest.raises(hf.UnsupportedCheckpointError, match=r"x/config\.json.*vocab_size"):
+        hf.model_config(cfg, where="x/config.json")
+    with pytest.raises(ValueError, match=r"no tokenizer file .*tokenizer\.json"):
+        HFTokenizer(str(tmp_path))
+
+
+def test_make_arrayrecord_refuses_text_len_0(tmp_path, capsys):
+    from moe_jax.data import make_arrayrecord
+
+    (tmp_path / "t.txt").write_text("hello world")
+    with pytest.raises(SystemExit) as exit_info:
+        make_arrayrecord.main([f"--out={tmp_path / 'x'}", "--text_len=0", str(tmp_path / "t.txt")])
+    assert exit_info.value.code == 2
+    assert "--text_len must be >= 1" in capsys.readouterr().err

@@ -45,8 +45,11 @@ class HFTokenizer:
             ) from err
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"DataConfig.tokenizer_path: no tokenizer file {file!r}")
+        if not os.path.isfile(file):  # a ValueError: train.py prints it as one line
+            raise ValueError(
+                f"DataConfig.tokenizer_path: no tokenizer file {file!r}. Put the model's "
+                f"{TOKENIZER_FILE} there, or set data.tokenizer_path to one"
+            )
         self.path = file
         self.tok = Tokenizer.from_file(file)
         tcfg, mcfg = (

@@ -25,6 +25,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--text_len", type=int, required=True, help="data.text_len of the runs")
     p.add_argument("--tokenizer", default="byte", help="byte, or a tokenizer.json / its folder")
     a = p.parse_args(argv)
+    if a.text_len < 1:
+        p.error(f"--text_len must be >= 1 (windows of text_len + 1 ids), got {a.text_len}")
     tok = ByteTokenizer() if a.tokenizer == "byte" else load_tokenizer(a.tokenizer)
     n = convert(a.inputs, a.out, text_len=a.text_len, tokenizer=tok, tokenizer_name=a.tokenizer)
     print(f"wrote {n} windows of {a.text_len + 1} tokens to {a.out}")

@@ -33,6 +33,16 @@ class UnsupportedCheckpointError(ValueError):
     """The checkpoint's architecture or one of its config fields cannot be read exactly."""
 
 
+# config.json fields the mapping cannot do without.
+REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
 def _refuse(path: str, field: str, value, why: str) -> UnsupportedCheckpointError:
     return UnsupportedCheckpointError(f"{path}: config field {field}={value!r} {why}")
 
@@ -115,6 +125,9 @@ def model_config(
 ) -> ModelConfig:
     """The dense text ModelConfig (mode lm) equal to a Hugging Face config (module docstring)."""
     arch = architecture(hf, where)
+    for field in REQUIRED:
+        if hf.get(field) is None:
+            raise _refuse(where, field, None, "is missing (every Llama / Qwen2 / Mistral has it)")
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(where, "hidden_act", hf["hidden_act"], "is not supported: only silu")
     for field in ("mlp_bias", "quantization_config"):

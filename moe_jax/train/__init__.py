@@ -28,12 +28,13 @@ from moe_jax.train.step import (
     make_optimizer,
     train_step,
 )
-from moe_jax.train.workdir import ConfigMismatchError, WorkdirBusyError
+from moe_jax.train.workdir import ConfigMismatchError, WorkdirBusyError, WorkdirError
 
 __all__ = [
     "CheckpointMismatchError",
     "ConfigMismatchError",
     "WorkdirBusyError",
+    "WorkdirError",
     "Hook",
     "Loop",
     "NonFiniteLossError",

@@ -299,6 +299,8 @@ def from_config_dict(cfg, *, num_devices: int | None = None) -> TrainConfig:
             )
     if "d_model" not in m:
         raise ValueError("config.model.d_model is missing")
+    if not (_is_int(m["d_model"]) and m["d_model"] >= 1):
+        raise _field_error("model.d_model", m["d_model"], "must be an integer >= 1")
     moe = _build("moe", MoEConfig, {**e, "d_model": m["d_model"]}, "MoEConfig") if enabled else None
     if init is None:
         vocab = make_tokenizer(data).vocab_size

@@ -133,6 +133,7 @@ class Loop:
         self._agreed_stop = False  # multi-process: some process was signalled (step metrics)
 
     def run(self) -> dict:
+        workdir_lib.check_workdir(self.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         lock = workdir_lib.LOCK_FILE + (f".{jax.process_index()}" if self.multi else "")
         with workdir_lib.WorkdirLock(self.workdir, lock):  # one run per workdir (and process)

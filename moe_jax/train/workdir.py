@@ -61,6 +61,18 @@ class WorkdirBusyError(RuntimeError):
     """Another live process holds the workdir's lock."""
 
 
+class WorkdirError(ValueError):
+    """The workdir cannot hold a run: a path that is a file, or an unreadable config.json."""
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises WorkdirError when `workdir` exists and is not a folder, or holds an unreadable
+    config.json (before anything is built or opened in it)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} is a file, not a folder: pass another --workdir")
+    read_config(workdir)
+
+
 class ConfigMismatchError(ValueError):
     """A resume whose config differs from the stored one in fields that change the run."""
 
@@ -168,8 +180,14 @@ def read_config(workdir: str) -> dict | None:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["config"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["config"]
+    except (ValueError, KeyError, TypeError) as err:  # truncated, not JSON, another layout
+        raise WorkdirError(
+            f"{path} is unreadable ({type(err).__name__}: {err}); it records the config of the "
+            f"checkpoints in {workdir}. Restore it, or move the workdir aside to start over."
+        ) from None
 
 
 def write_config(workdir: str, cfg) -> None:
