@@ -102,7 +102,7 @@ def main(argv):
             flush=True,
         )
         sys.exit(130)
-    except train.NonFiniteLossError as err:
+    except (train.NonFiniteLossError, train.WorkdirVanishedError) as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

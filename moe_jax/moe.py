@@ -129,6 +129,8 @@ class MoE(nnx.Module):
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"MoE input x must be a floating-point array, got dtype {x.dtype}")
+        if x.size == 0:  # averages over no token would be NaN (aux losses, statistics)
+            raise ValueError(f"MoE input x holds no token (shape {x.shape})")
         if modality is not None:
             _check_modality(modality, x.shape[:-1], cfg.num_modalities)
         deterministic = self.deterministic if deterministic is None else deterministic

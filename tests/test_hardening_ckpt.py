@@ -216,3 +216,27 @@ def test_metrics_hold_each_step_once_and_a_finished_run_is_not_rerun(tmp_path, m
     with open(os.path.join(wd, "metrics.jsonl"), "rb") as f:
         assert f.read() == before
     assert again["eval"] == pytest.approx(ev)
+
+
+@pytest.mark.slow
+def test_deleting_the_workdir_mid_run_stops_with_an_error(tmp_path):
+    """The workdir removed while train.py runs: the next save notices (the checkpoints folder
+    is gone or another one) and the run stops with one error line, status 1, instead of
+    finishing 'done' into a fresh folder that a rerun would take for the finished run."""
+    import shutil
+
+    wd = str(tmp_path / "run")
+    cmd = [sys.executable, "train.py", "--config=configs/default.py:smoke", f"--workdir={wd}"]
+    cmd += ["--config.num_steps=400", "--config.ckpt.every_steps=5", "--config.log.progress=False"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not os.path.isdir(os.path.join(wd, "checkpoints", "5")):
+        assert p.poll() is None and time.time() - t0 < 240, p.communicate()
+        time.sleep(0.05)
+    os.rename(wd, wd + ".gone")  # rm -rf as one step (the run keeps writing meanwhile)
+    shutil.rmtree(wd + ".gone", ignore_errors=True)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1, (stdout[-2000:], stderr[-3000:])
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "was deleted or replaced during the run" in last, last
+    assert "done at step" not in stdout

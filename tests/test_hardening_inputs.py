@@ -306,3 +306,29 @@ def test_make_arrayrecord_refuses_text_len_0(tmp_path, capsys):
         make_arrayrecord.main([f"--out={tmp_path / 'x'}", "--text_len=0", str(tmp_path / "t.txt")])
     assert exit_info.value.code == 2
     assert "--text_len must be >= 1" in capsys.readouterr().err
+
+
+def test_arrayrecord_faults_name_the_file_and_record(tmp_path):
+    """A corrupt ArrayRecord file, a sidecar that belongs to another file, and a record whose
+    ids are past the tokenizer's: errors that name the file (and the record)."""
+    from moe_jax.data import arrayrecord
+    from moe_jax.data.tokenizer import ByteTokenizer
+
+    (tmp_path / "a.txt").write_text("hello world, " * 40)
+    (tmp_path / "b.txt").write_text("more text here " * 10)
+    a, b = str(tmp_path / "a.ar"), str(tmp_path / "b.ar")
+    n_a = arrayrecord.convert([str(tmp_path / "a.txt")], a, text_len=8, tokenizer=ByteTokenizer())
+    arrayrecord.convert([str(tmp_path / "b.txt")], b, text_len=8, tokenizer=ByteTokenizer())
+    vocab = ByteTokenizer().vocab_size
+    records = arrayrecord.WindowRecords((a,), start=0, length=n_a, text_len=8, vocab_size=vocab)
+    assert len(records[n_a - 1]["tokens"]) == 8
+    small = arrayrecord.WindowRecords((a,), start=0, length=n_a, text_len=8, vocab_size=50)
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(a))}, record 0 holds token id"):
+        small[0]
+    # b's sidecar next to a: the counts disagree.
+    (tmp_path / "a.ar.json").write_text((tmp_path / "b.ar.json").read_text())
+    with pytest.raises(ValueError, match=r"a\.ar' holds \d+ records but its metadata"):
+        arrayrecord.check_files((a,), 8, vocab)
+    (tmp_path / "b.ar").write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(ValueError, match=r"b\.ar' is unreadable"):
+        arrayrecord.check_files((b,), 8, vocab)

@@ -238,3 +238,25 @@ def test_vlm_with_null_experts_overfits_a_few_scenes():
     losses = [float(step(model, opt, batch)) for _ in range(30)]
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_bad_text_inputs_are_refused_on_the_host():
+    """Ids past the vocabulary (NaN logits) or negative (they wrap), an empty sequence (NaN
+    aux), generate running past max_len and a numpy-integer cache position past the cache:
+    each a ValueError before anything is computed."""
+    model = Transformer(model_cfg(moe_cfg("null")), rngs=nnx.Rngs(4))
+    tokens, images = inputs(4)
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {V}\)"):
+            model(tokens.at[1, 2].set(bad), images)
+        with pytest.raises(ValueError, match=r"token ids must lie in"):
+            generate(model, images, tokens[:, :3].at[0, 0].set(bad), 2)
+    with pytest.raises(ValueError, match="text length 0"):
+        model(tokens[:, :0], images)
+    with pytest.raises(ValueError, match=r"runs past ModelConfig\.max_len=16"):
+        generate(model, images, tokens[:, :10], 7)
+    cache = model.init_cache(B, 8)
+    with pytest.raises(ValueError, match="pos=8 is past the cache length 8"):
+        model.decode_step(tokens[:, :1], cache, np.int64(8))
+    with pytest.raises(ValueError, match="holds no token"):
+        model.blocks[0].ffn(jnp.zeros((B, 0, 32)))

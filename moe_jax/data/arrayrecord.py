@@ -36,8 +36,31 @@ def read_meta(path: str) -> dict:
             f"DataConfig.paths: {path!r} has no {meta!r}; write the file with "
             "python -m moe_jax.data.make_arrayrecord"
         )
-    with open(meta, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta, encoding="utf-8") as f:
+            out = json.load(f)
+        for key in ("text_len", "vocab_size", "tokenizer", "windows"):
+            out[key]  # noqa: B018 - every key present
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"DataConfig.paths: the metadata {meta!r} of {path!r} is unreadable "
+            f"({type(err).__name__}: {err}); write the file again with "
+            "python -m moe_jax.data.make_arrayrecord"
+        ) from None
+    return out
+
+
+def count_records(path: str) -> int:
+    """The records an ArrayRecord file holds; a ValueError naming it when it is unreadable."""
+    import grain
+
+    try:
+        return len(grain.sources.ArrayRecordDataSource([path]))
+    except Exception as err:  # array_record raises RuntimeError / OSError-like errors
+        raise ValueError(
+            f"DataConfig.paths: ArrayRecord file {path!r} is unreadable ({type(err).__name__}: "
+            f"{str(err)[:200]}); write it again with python -m moe_jax.data.make_arrayrecord"
+        ) from None
 
 
 def check_files(paths: tuple[str, ...], text_len: int, vocab_size: int) -> int:
@@ -55,18 +78,40 @@ def check_files(paths: tuple[str, ...], text_len: int, vocab_size: int) -> int:
                 f"DataConfig.tokenizer: {path} was written with a tokenizer of "
                 f"{meta['vocab_size']} ids ({meta['tokenizer']}), the config's has {vocab_size}"
             )
-        total += meta["windows"]
+        records = count_records(path)
+        if records != meta["windows"]:
+            raise ValueError(
+                f"DataConfig.paths: {path!r} holds {records} records but its metadata "
+                f"{path + META_SUFFIX!r} says {meta['windows']}: the two files do not belong "
+                "together; write them again with python -m moe_jax.data.make_arrayrecord"
+            )
+        total += records
     return total
 
 
 class WindowRecords:
     """Random-access windows of [start, start + length) over ArrayRecord files."""
 
-    def __init__(self, paths: tuple[str, ...], *, start: int, length: int, text_len: int):
+    def __init__(
+        self,
+        paths: tuple[str, ...],
+        *,
+        start: int,
+        length: int,
+        text_len: int,
+        vocab_size: int | None = None,
+    ):
         import grain
 
         self.records = grain.sources.ArrayRecordDataSource(list(paths))
         self.start, self.length, self.text_len = start, length, text_len
+        self.paths, self.vocab_size = tuple(paths), vocab_size
+        self.ends = np.cumsum([count_records(p) for p in paths])  # [files]: end of each file
+
+    def _where(self, record: int) -> str:
+        """`file`, record `k` of it: where global record `record` lives."""
+        f = int(np.searchsorted(self.ends, record, side="right"))
+        return f"{self.paths[f]!r}, record {record - (self.ends[f - 1] if f else 0)}"
 
     def __len__(self) -> int:
         return self.length
@@ -74,9 +119,23 @@ class WindowRecords:
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(f"window {i} outside [0, {self.length})")
-        seq = np.frombuffer(self.records[self.start + i], "<u4").astype(np.int32)
+        record = self.start + i
+        try:
+            raw = self.records[record]
+        except Exception as err:
+            raise ValueError(f"{self._where(record)} is unreadable: {str(err)[:200]}") from None
+        seq = np.frombuffer(raw, "<u4")
         if len(seq) != self.text_len + 1:
-            raise ValueError(f"record {self.start + i} holds {len(seq)} ids, not text_len + 1")
+            raise ValueError(
+                f"{self._where(record)} holds {len(seq)} ids, not text_len + 1 = "
+                f"{self.text_len + 1}"
+            )
+        if self.vocab_size is not None and seq.size and int(seq.max()) >= self.vocab_size:
+            raise ValueError(
+                f"{self._where(record)} holds token id {int(seq.max())}, past the tokenizer's "
+                f"{self.vocab_size} ids (written with another tokenizer?)"
+            )
+        seq = seq.astype(np.int32)
         return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": np.ones(self.text_len, bool)}
 
 

@@ -290,7 +290,11 @@ def make_source(cfg: DataConfig, split: str):
         n = arrayrecord.check_files(cfg.paths, cfg.text_len, make_tokenizer(cfg).vocab_size)
         start, length = _split_range(cfg, split, n, f"ArrayRecord file(s) {', '.join(cfg.paths)}")
         return arrayrecord.WindowRecords(
-            cfg.paths, start=start, length=length, text_len=cfg.text_len
+            cfg.paths,
+            start=start,
+            length=length,
+            text_len=cfg.text_len,
+            vocab_size=make_tokenizer(cfg).vocab_size,
         )
     stream = read_text_stream(cfg.paths, make_tokenizer(cfg))
     n = num_windows(len(stream), cfg.text_len)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.model.inputs import check_text
 from moe_jax.model.transformer import Transformer
 
 
@@ -52,5 +53,11 @@ def generate(
     Returns the new tokens [B, max_new_tokens]; after eos_id a row emits 0 (pad)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_text(prompt_tokens, model.cfg.max_len, model.cfg.vocab_size)
+    if prompt_tokens.shape[1] + max_new_tokens > model.cfg.max_len:
+        raise ValueError(
+            f"a prompt of {prompt_tokens.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
+            f"runs past ModelConfig.max_len={model.cfg.max_len} (the positions it was built for)"
+        )
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, images, prompt_tokens, max_new_tokens, eos_id)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.validate import checker, is_pos_int
+from moe_jax.model.inputs import check_text, static_int
 from moe_jax.model.layers import Attention, Rope, VisionEncoder, small_init
 from moe_jax.moe import FFN, MoE, record_routing, routing_ids
 
@@ -328,12 +329,11 @@ class Transformer(nnx.Module):
         total = sum((a["aux_loss"] for a in moe_aux), jnp.zeros((), jnp.float32))
         return {"aux_loss": total, "moe": moe_aux, "modality": modality}
 
-    def _check_len(self, n: int):
-        if n > self.cfg.max_len:
-            raise ValueError(f"text length {n} exceeds ModelConfig.max_len={self.cfg.max_len}")
+    def _check_len(self, tokens):  # length in [1, max_len], concrete ids in the vocabulary
+        check_text(tokens, self.cfg.max_len, self.cfg.vocab_size)
 
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *, deterministic=False):
-        self._check_len(tokens.shape[1])
+        self._check_len(tokens)
         x, modality = self._inputs(tokens, images)
         positions = jnp.arange(x.shape[1])
         x, moe_aux, _ = self._run(x, modality, positions, deterministic)
@@ -350,7 +350,7 @@ class Transformer(nnx.Module):
     def prefill(self, tokens: jax.Array, images: jax.Array | None, cache: list[dict]):
         """Run the prompt (patches + tokens) at positions 0.. and fill the cache.
         Returns (text logits [B, L, V], cache)."""
-        self._check_len(tokens.shape[1])
+        self._check_len(tokens)
         x, modality = self._inputs(tokens, images)
         if x.shape[1] > cache[0]["k"].shape[1]:
             raise ValueError(f"prompt of {x.shape[1]} positions exceeds the cache length")
@@ -362,8 +362,8 @@ class Transformer(nnx.Module):
         """One text token per row at absolute position pos (P + text index; may be traced).
         tokens [B, 1] -> (logits [B, 1, V], new cache). A traced pos past the cache end is
         not checked (the write would clamp): size the cache for the whole generation."""
-        if isinstance(pos, int) and pos + tokens.shape[1] > cache[0]["k"].shape[1]:
-            raise ValueError(f"pos={pos} is past the cache length {cache[0]['k'].shape[1]}")
+        if (p := static_int(pos)) is not None and p + tokens.shape[1] > cache[0]["k"].shape[1]:
+            raise ValueError(f"pos={p} is past the cache length {cache[0]['k'].shape[1]}")
         x = self.embed(tokens)  # [B, 1, D]
         modality = jnp.ones(tokens.shape, jnp.int32)
         positions = pos + jnp.arange(tokens.shape[1])

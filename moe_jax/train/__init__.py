@@ -16,7 +16,7 @@ from moe_jax.train import (
     sweep,
     workdir,
 )
-from moe_jax.train.checkpoint import CheckpointMismatchError
+from moe_jax.train.checkpoint import CheckpointMismatchError, WorkdirVanishedError
 from moe_jax.train.config import TrainConfig, from_config_dict
 from moe_jax.train.loop import Hook, Loop, run
 from moe_jax.train.step import (
@@ -35,6 +35,7 @@ __all__ = [
     "ConfigMismatchError",
     "WorkdirBusyError",
     "WorkdirError",
+    "WorkdirVanishedError",
     "Hook",
     "Loop",
     "NonFiniteLossError",

@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "sha256.json"
 
 
+class WorkdirVanishedError(RuntimeError):
+    """The checkpoints folder was deleted or replaced while the run was writing to it."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class CheckpointMismatchError(ValueError):
     """An intact checkpoint that does not fit the state being restored (another config)."""
 
@@ -129,6 +141,7 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "data")
         )
         self.async_save = async_save
+        self._identity = _identity(self.directory)  # to notice a deleted / replaced workdir
         self._main = jax.process_index() == 0
         self._unsealed: list[int] = []  # saved steps without a checksum manifest yet
 
@@ -141,6 +154,12 @@ class Checkpointer:
         The iterator position is read now, before this call returns, so the caller may keep
         drawing batches while the arrays are written in the background.
         """
+        if _identity(self.directory) != self._identity:
+            raise WorkdirVanishedError(
+                f"{self.directory} was deleted or replaced during the run: stopping at step "
+                f"{step} without saving (nothing of this run would be found there). Rerun to "
+                "start over."
+            )
         items = {"state": ocp.args.StandardSave(_to_savable(state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -244,8 +263,15 @@ class Checkpointer:
         self._seal(self._unsealed)
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        except Exception:
+            if _identity(self.directory) == self._identity:
+                raise
+            # The folder is gone (WorkdirVanishedError is on its way): its pending save could
+            # only fail, and that failure must not hide the error that names the cause.
+        finally:
+            self.manager.close()
 
 
 def _first_line(err: Exception) -> str:
