@@ -117,9 +117,9 @@ def _unsupported_gpu_error(device, cc) -> ValueError:
     )
 
 
-def _gpu_smem(ctx) -> int:
-    """Opt-in shared memory per block of the target GPU; raises for a pre-Ampere target."""
-    ccs = [(d, cc) for d in _target_devices(ctx) if (cc := _cc(d)) is not None]
+def _gpu_smem(devices: list) -> int:
+    """Opt-in shared memory per block of the target GPUs; raises for a pre-Ampere target."""
+    ccs = [(d, cc) for d in devices if (cc := _cc(d)) is not None]
     for device, cc in ccs:
         if cc < MIN_TRITON_CC:
             raise _unsupported_gpu_error(device, cc)
@@ -152,8 +152,9 @@ def _lowering(
     bs = block_sizes
     target = contextlib.nullcontext()
     if family == "triton" and platform == "cuda" and not interpret:
-        target = triton_target(_target_devices(ctx))
-        smem = _gpu_smem(ctx)
+        devices = _target_devices(ctx)  # read once: tiles and jax's Triton lowering both use it
+        target = triton_target(devices)
+        smem = _gpu_smem(devices)
         itemsize = np.dtype(lhs_aval.dtype).itemsize
         if bs is None:
             bs = triton_block_sizes(op, m, k, n, itemsize=itemsize, smem_bytes=smem)
