@@ -25,6 +25,7 @@ setup(
         "ml-collections>=1.1.0,<2",
         "absl-py>=2.1",
         "numpy>=1.26",
+        "safetensors>=0.8",  # checkpoints; from 0.8 numpy arrays are written without copies
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
@@ -44,7 +45,7 @@ setup(
             "transformers>=5.0,<6",
             "tokenizers>=0.21",
         ],
-        # Reading Hugging Face tokenizers (tokenizer.json); checkpoints need only numpy.
+        # Reading Hugging Face tokenizers (tokenizer.json); checkpoints need only safetensors.
         "hf": ["tokenizers>=0.21"],
         # Compile-only TPU and NVIDIA targets on any machine (python -m moe_jax.aot, the compile
         # tests): libtpu and the CUDA PJRT plugin, pinned to the jax version they match.

@@ -1,7 +1,7 @@
 """Input pipelines (grain): the built-in shapes scenes, users' image+caption manifests and
 text files, tokenizers. Imports only moe_jax.core (for field checks)."""
 
-from moe_jax.data import pipeline, scenes, sources, tokenizer
+from moe_jax.data import check, pipeline, scenes, sources, tokenizer
 from moe_jax.data.pipeline import (
     KINDS,
     SPLITS,
@@ -30,6 +30,7 @@ __all__ = [
     "WordTokenizer",
     "batch_spec",
     "build_dataset",
+    "check",
     "check_splits",
     "make_dataset",
     "make_source",

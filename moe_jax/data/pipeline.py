@@ -45,6 +45,7 @@ from absl import flags, logging
 
 from moe_jax.core.validate import checker, is_int
 from moe_jax.data import arrayrecord, scenes
+from moe_jax.data.check import check_images
 from moe_jax.data.hf_tokenizer import load_tokenizer
 from moe_jax.data.sources import (
     ManifestError,  # noqa: F401  (re-exported: the error users catch)
@@ -237,11 +238,13 @@ def _count_long_captions(cfg: DataConfig, records) -> int:
 
 def check_splits(cfg: DataConfig) -> None:
     """Reads the files of a file kind once and checks them and the split sizes, so a bad file
-    or n_train / n_eval fails before training starts; the built-in kinds need no check."""
+    or n_train / n_eval fails before training starts; the built-in kinds need no check.
+    Manifests: every line, caption and, last, the image of every record the splits read."""
     if cfg.kind == "manifest":
         records, what = _records(cfg)
         _count_long_captions(cfg, records)
-        _split_range(cfg, "train", len(records), what)
+        n_train = _split_range(cfg, "train", len(records), what)[1]
+        check_images(records[: n_train + cfg.n_eval], cfg.image_size, resize=cfg.resize)
     elif cfg.kind == "text":
         stream = read_text_stream(cfg.paths, make_tokenizer(cfg))
         n = num_windows(len(stream), cfg.text_len)

@@ -2,9 +2,11 @@
 
 A manifest is UTF-8 JSONL, one {"image": path, "caption": str} object per line, image paths
 relative to the manifest's folder. Manifests are checked line by line when read (UTF-8, JSON,
-fields, empty captions, missing files, at least one record); image bytes are decoded when a
-record is read. Every problem raises ManifestError naming the manifest, the line number and
-the image path.
+fields, captions that are not strings, empty or not encodable as UTF-8 (a lone surrogate such
+as the JSON escape "\\ud800"), missing files, at least one record). Image bytes are decoded
+before training by data.check (check_images: the whole file, pixel mode and size) and again
+when a record is read. Every problem raises ManifestError naming the manifest, the line number
+and the image path.
 
 Images (load_image) are decoded explicitly, never silently: 8-bit and 16-bit grey / RGB / palette
 images are scaled by their bit depth to [0, 1]; images with an alpha channel (RGBA, LA, palette
@@ -65,7 +67,13 @@ def read_manifest(path: str) -> list[tuple[str, str, int, str]]:
             if not isinstance(image, str) or not image:
                 raise ManifestError(f"{where}: 'image' must be a non-empty path string")
             if not isinstance(text, str) or not text.strip():
-                raise ManifestError(f"{where}, image {image!r}: 'caption' is empty or not a string")
+                got = f"{type(text).__name__} {text!r}"[:80]
+                raise ManifestError(
+                    f"{where}, image {image!r}: 'caption' must be a non-empty string, got {got}"
+                )
+            bad = not_utf8(text)
+            if bad:
+                raise ManifestError(f"{where}, image {image!r}: 'caption' {bad}")
             full = os.path.join(root, image)
             if not os.path.isfile(full):
                 raise ManifestError(f"{where}: image file {full!r} not found")
@@ -78,33 +86,52 @@ def read_manifest(path: str) -> list[tuple[str, str, int, str]]:
     return records
 
 
+def not_utf8(text: str) -> str:
+    """Why `text` has no UTF-8 encoding (a lone surrogate: JSON accepts an unpaired escape such
+    as "\\ud800", UTF-8 cannot encode it), or "" when it has one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"holds the lone surrogate {text[e.start]!r} at character {e.start + 1}, which has "
+            "no UTF-8 encoding (a \\ud800-\\udfff escape must be half of a surrogate pair)"
+        )
+    return ""
+
+
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _accept(im, path: str, where: str, image_size: int, resize: bool) -> None:
+    """The rules an image header must pass: a pixel mode with a fixed [0, 1] scale, and the
+    configured size unless `resize`."""
+    if im.mode in ("I", "F") and not (im.mode == "I" and im.format == "PNG"):
+        raise ManifestError(
+            f"{where}: image file {path!r} has 32-bit pixel mode {im.mode!r}, which has no "
+            "fixed [0, 1] scale; save it as an 8- or 16-bit PNG or a JPEG"
+        )
+    if im.size != (image_size, image_size) and not resize:
+        w, h = im.size
+        raise ManifestError(
+            f"{where}: image file {path!r} is {w}x{h} pixels, expected "
+            f"{image_size}x{image_size} (DataConfig.image_size); resize the files, or set "
+            "DataConfig.resize=True to area-resize them (aspect ratio not kept)"
+        )
 
 
 def _decode(im, path: str, where: str, image_size: int, resize: bool) -> np.ndarray:
     """An open PIL image -> [S, S, 3] float32 in [0, 1] (the rules in the module docstring)."""
     from PIL import Image
 
+    _accept(im, path, where, image_size, resize)
     mode = im.mode
-    if mode in _SIXTEEN_BIT or (mode == "I" and im.format == "PNG"):
-        im, scale = im.convert("I"), 65535.0  # 16-bit grey (Pillow reads 16-bit PNG as I;16 / I)
-    elif mode in ("I", "F"):
-        raise ManifestError(
-            f"{where}: image file {path!r} has 32-bit pixel mode {mode!r}, which has no "
-            "fixed [0, 1] scale; save it as an 8- or 16-bit PNG or a JPEG"
-        )
+    if mode in _SIXTEEN_BIT or mode == "I":  # 16-bit grey (Pillow reads 16-bit PNG as I;16 / I)
+        im, scale = im.convert("I"), 65535.0
     elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im, scale = im.convert("RGBA"), 255.0
     else:
         im, scale = im.convert("RGB"), 255.0
     if im.size != (image_size, image_size):
-        if not resize:
-            w, h = im.size
-            raise ManifestError(
-                f"{where}: image file {path!r} is {w}x{h} pixels, expected "
-                f"{image_size}x{image_size} (DataConfig.image_size); resize the files, or set "
-                "DataConfig.resize=True to area-resize them (aspect ratio not kept)"
-            )
         im = im.resize((image_size, image_size), Image.Resampling.BOX)
     x = np.asarray(im, np.float32) / scale  # [S, S], [S, S, 3] or [S, S, 4]
     if x.ndim == 2:
@@ -114,22 +141,47 @@ def _decode(im, path: str, where: str, image_size: int, resize: bool) -> np.ndar
     return np.clip(x, 0.0, 1.0)
 
 
-def load_image(path: str, image_size: int, where: str = "", *, resize: bool = False) -> np.ndarray:
-    """Decodes an image file to [S, S, 3] float32 in [0, 1]; raises ManifestError naming
-    `where` (manifest and line) and the file for any file it cannot decode or accept."""
+def _read(path: str, where: str, use):
+    """use(open PIL image); any failure but a ManifestError becomes one naming `where` and
+    the file."""
     from PIL import Image  # pillow ships with matplotlib
 
-    where = where or f"image {path}"
     try:
         with Image.open(path) as im:
-            im.load()
-            return _decode(im, path, where, image_size, resize)
+            return use(im)
     except ManifestError:
         raise
     except Exception as e:  # noqa: BLE001  (any decoder failure: OSError, DecompressionBomb...)
         raise ManifestError(
             f"{where}: image file {path!r} unreadable ({type(e).__name__}: {e})"
         ) from None
+
+
+def load_image(path: str, image_size: int, where: str = "", *, resize: bool = False) -> np.ndarray:
+    """Decodes an image file to [S, S, 3] float32 in [0, 1]; raises ManifestError naming
+    `where` (manifest and line) and the file for any file it cannot decode or accept."""
+
+    def use(im):
+        im.load()
+        return _decode(im, path, where, image_size, resize)
+
+    return _read(path, where or f"image {path}", use)
+
+
+def verify_image(path: str, image_size: int, where: str = "", *, resize: bool = False) -> None:
+    """Raises the ManifestError load_image would, for less: the header rules, then every byte
+    of pixel data decoded (a file cut short, bytes that are no image, a corrupt compressed
+    stream raise). A JPEG decodes at the smallest DCT scale that keeps image_size
+    (Image.draft): its entropy-coded data is still read to the end, the inverse DCT is cheaper."""
+    where = where or f"image {path}"
+
+    def use(im):
+        _accept(im, path, where, image_size, resize)
+        if im.format == "JPEG":
+            im.draft(None, (image_size, image_size))
+        im.load()
+
+    _read(path, where, use)
 
 
 class ManifestSource:
@@ -175,8 +227,15 @@ class WindowSource:
 def read_jsonl_texts(path: str) -> list[str]:
     """The "text" field of every non-empty line of a JSONL file (errors name file and line)."""
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"DataConfig.paths: {path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -184,10 +243,9 @@ def read_jsonl_texts(path: str) -> list[str]:
             except (json.JSONDecodeError, AttributeError):
                 text = None
             if not isinstance(text, str):
-                raise ValueError(
-                    f"DataConfig.paths: {path}, line {line_no}: expected an object with a "
-                    'string field "text"'
-                )
+                raise ValueError(f'{where}: expected an object with a string field "text"')
+            if not_utf8(text):
+                raise ValueError(f'{where}: "text" {not_utf8(text)}')
             texts.append(text)
     return texts
 

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out: read Llama / Qwen2 / Mistral checkpoints into the
 moe_jax Transformer (load), write trained top-k MoE models as Mixtral checkpoints and any
-moe_jax model in its own safetensors format (export). Reads with numpy alone (no torch).
-Imports model and data only."""
+moe_jax model in its own safetensors format (export). Files go through the safetensors package
+(no torch). Imports model and data only."""
 
 from moe_jax.hf import config, export, load, safetensors, upcycle
 from moe_jax.hf.config import UnsupportedCheckpointError, model_config, read_config

@@ -9,12 +9,14 @@ from moe_jax.train import (
     checkpoint,
     config,
     loop,
+    memory,
     metrics,
     multihost,
     plots,
     step,
     sweep,
     workdir,
+    writes,
 )
 from moe_jax.train.checkpoint import CheckpointMismatchError, WorkdirVanishedError
 from moe_jax.train.config import TrainConfig, from_config_dict
@@ -29,6 +31,7 @@ from moe_jax.train.step import (
     train_step,
 )
 from moe_jax.train.workdir import ConfigMismatchError, WorkdirBusyError, WorkdirError
+from moe_jax.train.writes import WriteFailedError
 
 __all__ = [
     "CheckpointMismatchError",
@@ -36,6 +39,7 @@ __all__ = [
     "WorkdirBusyError",
     "WorkdirError",
     "WorkdirVanishedError",
+    "WriteFailedError",
     "Hook",
     "Loop",
     "NonFiniteLossError",
@@ -49,6 +53,7 @@ __all__ = [
     "init_state",
     "loop",
     "make_optimizer",
+    "memory",
     "metrics",
     "multihost",
     "plots",
@@ -57,4 +62,5 @@ __all__ = [
     "sweep",
     "train_step",
     "workdir",
+    "writes",
 ]

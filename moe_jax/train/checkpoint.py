@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from moe_jax.train import writes
 from moe_jax.train.step import all_finite
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,11 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "data")
         )
         self.async_save = async_save
+        writes.quiet_orbax_tracebacks()  # a failed save raises here; orbax's logged copies go
         self._identity = _identity(self.directory)  # to notice a deleted / replaced workdir
         self._main = jax.process_index() == 0
         self._unsealed: list[int] = []  # saved steps without a checksum manifest yet
+        self._failing = False  # set by the loop once a write failed: close() stays quiet
 
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
@@ -163,23 +166,58 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(_to_savable(state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        # manager.save waits for the previous save first, so earlier steps are final now.
-        self._seal(self._unsealed)
+        self._guard(lambda: self.manager.wait_until_finished())  # the previous save's failure
+        self._seal(self._unsealed)  # earlier steps are final now
         self._unsealed = [step]
+        self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True))
         if not self.async_save:
             self._seal(self._unsealed)
+
+    def check(self) -> None:
+        """Cheap, every step: once a background save has ended, its failure (if any) raises
+        WriteFailedError now rather than at the next save, and its checksum manifest is
+        written."""
+        if self.async_save and self._unsealed and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def mark_failed(self) -> None:
+        """A write of this run failed (its error is on the way up): close() stays quiet."""
+        self._failing = True
+
+    def _guard(self, fn):
+        """Runs an orbax save / wait; any failure becomes WriteFailedError naming the step."""
+        try:
+            return fn()
+        except Exception as err:
+            if _identity(self.directory) != self._identity:
+                raise WorkdirVanishedError(
+                    f"{self.directory} was deleted or replaced during the run: stopping "
+                    "without saving. Rerun to start over."
+                ) from err
+            step = self._unsealed[-1] if self._unsealed else None
+            self._unsealed = []  # that step is not on disk: nothing to seal
+            raise writes.checkpoint_failure(self.directory, step, err) from err
 
     def _seal(self, steps: list[int]) -> None:
         """Writes the checksum manifest of each finished step that still exists (process 0)."""
         for step in steps if self._main else ():
             step_dir = os.path.join(self.directory, str(step))
             if os.path.isdir(step_dir):
-                write_manifest(step_dir)
+                with writes.writing(os.path.join(step_dir, MANIFEST)):
+                    write_manifest(step_dir)
         steps.clear()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def newest_on_disk(self) -> int | None:
+        """The newest step whose folder orbax finalized (renamed from its temporary name)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return None
+        done = [int(n) for n in names if n.isdigit()]
+        return max(done) if done else None
 
     def latest_step(self) -> int | None:
         s = self.steps()
@@ -259,19 +297,25 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk and writes their checksum manifests."""
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished)
         self._seal(self._unsealed)
 
     def close(self) -> None:
+        """Waits for the pending save and closes; after mark_failed() a second failure of the
+        same save is not raised over the first."""
         try:
             self.wait()
         except Exception:
-            if _identity(self.directory) == self._identity:
+            if _identity(self.directory) == self._identity and not self._failing:
                 raise
-            # The folder is gone (WorkdirVanishedError is on its way): its pending save could
-            # only fail, and that failure must not hide the error that names the cause.
+            # The folder is gone or a write already failed (that error is on its way): the
+            # pending save could only fail, and must not hide the error that names the cause.
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failing:
+                    raise
 
 
 def _first_line(err: Exception) -> str:

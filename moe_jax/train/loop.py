@@ -25,8 +25,8 @@ import numpy as np
 from moe_jax import data as data_lib
 from moe_jax import model as model_lib
 from moe_jax import parallel
+from moe_jax.train import memory, multihost, report, writes
 from moe_jax.train import metrics as metrics_lib
-from moe_jax.train import multihost, plots
 from moe_jax.train import workdir as workdir_lib
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.config import TrainConfig, from_config_dict
@@ -42,6 +42,7 @@ from moe_jax.train.step import (
     model_graphdef,
     train_step,
 )
+from moe_jax.train.writes import WriteFailedError
 
 
 class Hook(Protocol):
@@ -67,17 +68,27 @@ def run(
     hooks=(),
     allow_config_change: bool = False,
 ) -> dict:
-    """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``.
+    """Trains ``config`` (ConfigDict or TrainConfig) in ``workdir``; resumes what is there.
 
-    stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
-    schedule still follows config.num_steps, so a later run resumes the same trajectory.
-    allow_config_change: resume even if the config differs from the one stored in the workdir
-    in fields outside workdir.SAFE_TO_CHANGE (also MOE_JAX_ALLOW_CONFIG_CHANGE=1).
-    Returns {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}; a rerun
-    of a finished run returns its stored results with "already_done": True and writes nothing.
-    Raises NonFiniteLossError on a NaN/Inf loss, gradient or parameter, ValueError on an
-    invalid config (workdir.ConfigMismatchError on a resume with another config) and
-    workdir.WorkdirBusyError when another run holds the workdir.
+    Args:
+        config: a ConfigDict from a config file's get_config (validated here), or a TrainConfig.
+        workdir: the run's folder: checkpoints, config.json, metrics.jsonl, tb/, plots.
+        stop_at: behave as if SIGTERM arrived after this step (save, return "preempted"); the
+            schedule still follows config.num_steps, so a later run resumes the same trajectory.
+        hooks: objects with on_step / on_end (see Hook).
+        allow_config_change: resume even if the config differs from the stored one in fields
+            outside workdir.SAFE_TO_CHANGE (also MOE_JAX_ALLOW_CONFIG_CHANGE=1).
+
+    Returns:
+        {"status": "done" | "preempted", "step", "final_loss", "eval", "seconds"}; a rerun of a
+        finished run returns its stored results with "already_done": True and writes nothing.
+
+    Raises:
+        ValueError: an invalid config, naming the field; its subclasses ConfigMismatchError (a
+            resume with another config), MemoryEstimateError (too big), WorkdirError.
+        NonFiniteLossError: a NaN/Inf loss, gradient or parameter (the step is not applied).
+        WorkdirBusyError: another run holds the workdir.
+        WriteFailedError: a file of the run could not be written (disk full, quota, ...).
     """
     if not isinstance(config, TrainConfig):
         multihost.initialize(config)  # several processes: before anything touches a device
@@ -107,7 +118,17 @@ def summary(cfg: TrainConfig) -> str:
 
 
 class Loop:
-    """One run of ``cfg`` in ``workdir``; ``preempt.requested`` turns true on SIGTERM."""
+    """One run of ``cfg`` in ``workdir``; ``Loop(...).run()`` trains and returns as run() does.
+
+    Args:
+        cfg: the validated config (from_config_dict).
+        workdir: the run's folder.
+        preempt: anything whose ``requested`` turns true to stop (train.preempt.Preemption
+            does on SIGTERM / SIGINT): the loop saves at the current step and returns.
+        stop_at: stop as if preempted after this step.
+        hooks: objects with on_step / on_end (see Hook).
+        allow_config_change: as in run().
+    """
 
     def __init__(
         self,
@@ -124,6 +145,7 @@ class Loop:
         self.hooks = tuple(hooks)
         self.tokens_per_step = cfg.data.batch_size * (cfg.model.num_patches + cfg.data.text_len)
         self.last_saved: int | None = None
+        self._consumed: int | None = None  # the last step whose metrics were read
         self.final_loss = math.nan
         # (step, time) of the last consumed steps: tokens/s over a window of up to 10 steps, so
         # one step read late (its successor then reads at once) does not show a spike.
@@ -164,6 +186,7 @@ class Loop:
                 resuming=cfg.ckpt.resume and bool(self.ckpt.steps()),
                 allow_change=self.allow_config_change,
             )
+            memory.check(cfg)  # a config that cannot fit is refused before anything is made
             self.plain_graphdef, mesh = model_graphdef(cfg), None
             if cfg.mesh is None:
                 graphdef, state = init_state(cfg)
@@ -172,6 +195,8 @@ class Loop:
                 multihost.process_slice(cfg.data.batch_size, mesh)  # rows == the data shard
                 graphdef, state = init_state(cfg, parallel.ExpertParallel(mesh, cfg.mesh))
             return self._train(graphdef, mesh, state, t0)
+        except WriteFailedError as err:  # full disk, quota, size limit: save what can be saved
+            raise self._after_write_failure(err) from err
         finally:
             if hasattr(self, "progress"):
                 self.progress.close()
@@ -228,6 +253,8 @@ class Loop:
                 state = calibrate_null_state(graphdef, state, batch)
             flags = multihost.stop_flags(self.preempt.requested, mesh) if self.multi else None
             state, m = train_step(state, batch, fail_at, flags, **kw)
+            self._live = (step, state, m, train_iter)  # what a failed write saves (below)
+            self.ckpt.check()  # a background save that failed stops the run now
             if pending is not None:
                 self._consume(*pending)
             pending = (step, m, crc)
@@ -263,6 +290,33 @@ class Loop:
         result["seconds"] = time.perf_counter() - t0
         self._print(f"{status} at step {step} in {result['seconds']:.0f} s")
         return result
+
+    def _after_write_failure(self, err: WriteFailedError) -> WriteFailedError:
+        """A write failed: stop logging; unless the failed write was a checkpoint, save the
+        current step (its loss checked first); return the error naming what is kept."""
+        self.ckpt.mark_failed()
+        if hasattr(self, "writer"):
+            self.writer.enabled = False
+        live = getattr(self, "_live", None)
+        if live is not None and not err.checkpoint and live[0] != self.last_saved:
+            step, state, m, data_iter = live
+            try:
+                if self._consumed != step:
+                    self._consume(step, m, 0)
+                self.ckpt.save(step, state, data_iter)
+                self.ckpt.wait()
+                self.last_saved = step
+            except WriteFailedError:
+                pass  # the disk is full for checkpoints too: the last complete one stays
+        self.last_saved = self.ckpt.newest_on_disk()
+        kept = (
+            f"kept the checkpoint at step {self.last_saved} in {self.ckpt.directory}"
+            if self.last_saved is not None
+            else "no checkpoint of this run was saved"
+        )
+        return WriteFailedError(
+            err.path, f"{err.reason}. Stopped; {kept}; {writes.hint()}", checkpoint=err.checkpoint
+        )
 
     def _already_done(self, step: int, state, report: str, t0: float) -> dict:
         """A rerun of a finished run: prints its stored report, writes nothing, and calls the
@@ -305,7 +359,7 @@ class Loop:
                 f"{what} at step {step}; the update was not applied; stopping. "
                 f"Last good checkpoint: {where}"
             )
-        self.final_loss = loss
+        self.final_loss, self._consumed = loss, step
         if "stop" in m:
             self._agreed_stop = self._agreed_stop or bool(m["stop"])
         self._call_hooks("on_step", step, m)
@@ -324,70 +378,9 @@ class Loop:
         self.progress.update(step, loss, tps if math.isfinite(tps) else 0.0)
 
     def _finish(self, graphdef, state, result: dict) -> None:
-        """Plots and the closing report (printed and stored in result["report"]); process 0.
-        The routing heatmap needs a forward pass of every process: one-process runs only."""
-        if not self.main:
-            return
-        cfg, lines = self.cfg, []
-        all_rows = metrics_lib.read_jsonl(self.writer.path)
-        rows, eval_rows = metrics_lib.last_rows_by_step(all_rows), metrics_lib.eval_rows(all_rows)
-        ev = result["eval"]
-        lines.append(f"train loss {self.final_loss:.4f}, eval loss {ev['eval/loss']:.4f}")
-        if "eval/null_ratio" in ev:  # every number below is from the final eval
-            per_mod = ", ".join(
-                f"{mod} {ev[f'eval/null_ratio/{mod}']:.2f}"
-                for mod in metrics_lib.MODALITIES
-                if f"eval/null_ratio/{mod}" in ev
-            )
-            target = f" (target {1 - cfg.moe.density:.2f})" if cfg.moe.router == "null" else ""
-            lines.append(f"eval null ratio{target}: all {ev['eval/null_ratio']:.2f}; {per_mod}")
-            lines.append(
-                "eval real experts/token: "
-                + ", ".join(
-                    f"{mod} {ev[f'eval/real_per_token/{mod}']:.2f}"
-                    for mod in metrics_lib.MODALITIES
-                    if f"eval/real_per_token/{mod}" in ev
-                )
-                + f"; eval MoE FLOPs/token realized "
-                f"{ev['eval/flops_per_token/realized'] / 1e6:.2f}M "
-                f"vs expected {ev['eval/flops_per_token/expected'] / 1e6:.2f}M"
-            )
-        if cfg.log.plots:
-            written = [plots.plot_losses(rows + eval_rows, self._path("loss.png"))]
-            if "null_ratio" in (rows[-1] if rows else {}):
-                rho = cfg.moe.density if cfg.moe.router == "null" else None
-                written.append(plots.plot_null_ratio(rows, self._path("null_ratio.png"), rho=rho))
-            vlm = cfg.moe is not None and cfg.model.mode == "vlm"
-            if vlm and cfg.log.heatmap_images and not self.multi:
-                written.append(self._heatmap(graphdef, state, lines))
-            lines.append("plots: " + ", ".join(os.path.basename(p) for p in written))
-        result["report"] = "\n".join(lines)
-        workdir_lib.write_report(self.workdir, result["report"])
-        self._print(result["report"])
-
-    def _heatmap(self, graphdef, state, lines: list[str]) -> str:
-        """Real experts per patch on held-out images; also reports shape vs background patches."""
-        cfg = self.cfg
-        batch = next(iter(data_lib.make_dataset(cfg.data, "eval")))
-        per_tok = plots.real_experts_per_token(
-            self.plain_graphdef, (state["params"], state["rest"]), batch["tokens"], batch["image"]
-        )  # [B, P+L]
-        p = cfg.model.num_patches
-        side = cfg.data.image_size // cfg.data.patch_size
-        patches = per_tok[:, :p]  # [B, P]
-        fg = batch["patch_fg"]
-        if fg.any() and (~fg).any():
-            lines.append(
-                f"real experts per patch: shapes {patches[fg].mean():.2f}, background "
-                f"{patches[~fg].mean():.2f}; text tokens {per_tok[:, p:][batch['loss_mask']].mean():.2f}"
-            )
-        n = min(cfg.log.heatmap_images, patches.shape[0])
-        return plots.plot_routing_heatmap(
-            batch["image"][:n],
-            patches[:n].reshape(n, side, side),
-            self._path("routing_heatmap.png"),
-            vmax=float(cfg.moe.top_k) if cfg.moe.router in ("null", "topk") else None,
-        )
+        """Plots and the closing report (train.report); process 0 only."""
+        if self.main:
+            report.finish(self, graphdef, state, result)
 
     def _call_hooks(self, method: str, *args) -> None:
         """Calls ``method`` on every hook that defines it (both Hook methods are optional)."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from moe_jax.core import flops
 from moe_jax.core.config import MoEConfig
+from moe_jax.train.writes import WriteFailedError, writing
 
 MODALITIES = ("vision", "text")
 _LAYER_SCALARS = (
@@ -96,7 +97,12 @@ def to_host(tree):
 
 
 class MetricWriter:
-    """Appends one JSON object per call to ``<workdir>/metrics.jsonl``; mirrors to TensorBoard."""
+    """Appends one JSON object per call to ``<workdir>/metrics.jsonl``; mirrors to TensorBoard.
+
+    Both files are written in the calling thread and flushed per call: a failing write (full
+    disk, ``ulimit -f``) raises WriteFailedError naming the file at once, instead of
+    stalling training behind a background queue whose writer died.
+    """
 
     def __init__(
         self,
@@ -107,41 +113,77 @@ class MetricWriter:
         enabled: bool = True,
     ):
         """enabled=False (processes other than 0 of a multi-process run) writes nothing."""
-        os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, filename)
         self.enabled = enabled
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
-        self._tb = None
-        if tensorboard and enabled:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._file = self._tb = None
+        if not enabled:
+            return
+        with writing(self.path):
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            self._tb = TensorBoardFile(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, float | list[float]]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(json.dumps(row, allow_nan=False) + "\n")
+            self._file.flush()
         if self._tb is not None:
+            scalars = {}
             for tag, v in metrics.items():
                 if isinstance(v, list | tuple):
-                    for j, x in enumerate(v):
-                        self._tb.add_scalar(f"{tag}/{j}", x, step)
+                    scalars.update({f"{tag}/{j}": x for j, x in enumerate(v)})
                 elif isinstance(v, int | float) and math.isfinite(v):
-                    self._tb.add_scalar(tag, v, step)
+                    scalars[tag] = v
+            self._tb.write(step, scalars)
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
+            with writing(self.path):
+                self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Closes both files; a failure here (the run is ending anyway) is not raised twice."""
+        for f in (self._file, self._tb):
+            if f is not None:
+                try:
+                    f.close()
+                except (OSError, WriteFailedError):
+                    pass
+        self._file = self._tb = None
+
+
+class TensorBoardFile:
+    """A TensorBoard event file (tensorboardX's format), written synchronously: one event per
+    write() holding all of a step's scalars, flushed at once."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        with writing(logdir):
+            os.makedirs(logdir, exist_ok=True)
+            self._writer = EventsWriter(os.path.join(logdir, "events"))
+        self.path = self._writer._file_name
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        values = [
+            summary_pb2.Summary.Value(tag=t, simple_value=float(v)) for t, v in scalars.items()
+        ]
+        event = event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        )
+        with writing(self.path):
+            self._writer.write_event(event)
+            self._writer.flush()
+
+    def close(self) -> None:
+        with writing(self.path):
+            self._writer.close()
 
 
 def _json_value(v):
@@ -200,9 +242,10 @@ def truncate_after(path: str, step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
         return
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    with writing(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 class Progress:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from moe_jax.model import forward_with_routing
 from moe_jax.moe import MoE
+from moe_jax.train.writes import writing
 
 
 def _subplots(*args, figsize, **kwargs):
@@ -115,6 +116,7 @@ def _routing_ids(graphdef, state, tokens, images):
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

@@ -35,6 +35,8 @@ import os
 import socket
 import time
 
+from moe_jax.train.writes import writing
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -194,9 +196,12 @@ def write_config(workdir: str, cfg) -> None:
     """Writes config.json atomically (temp file + rename)."""
     data = config_json(cfg)
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"fingerprint": fingerprint(data), "config": data}, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    with writing(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(
+                {"fingerprint": fingerprint(data), "config": data}, f, indent=1, sort_keys=True
+            )
+        os.replace(path + ".tmp", path)
 
 
 def check_resume_config(
@@ -242,7 +247,8 @@ def read_report(workdir: str) -> str | None:
 
 
 def write_report(workdir: str, report: str) -> None:
-    with open(os.path.join(workdir, REPORT_FILE), "w", encoding="utf-8") as f:
+    path = os.path.join(workdir, REPORT_FILE)
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         f.write(report + "\n")
 
 
