@@ -44,6 +44,8 @@ setup(
             "torch==2.13.0",
             "transformers>=5.0,<6",
             "tokenizers>=0.21",
+            # The tokamax backend's tests (Python >= 3.12 only; skipped, with the reason, on 3.11).
+            "tokamax>=0.0.17; python_version>='3.12'",
         ],
         # Reading Hugging Face tokenizers (tokenizer.json); checkpoints need only safetensors.
         "hf": ["tokenizers>=0.21"],
@@ -53,8 +55,13 @@ setup(
         "gpu": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
+        # Backend "tokamax" (tokamax.ragged_dot, moe_jax/experts/tokamax.py). tokamax needs
+        # Python >= 3.12 and jax >= 0.11.1: on Python 3.11 the extra installs nothing.
+        "tokamax": ["tokamax>=0.0.17; python_version>='3.12'"],
         "notebook": ["jupyter", "ipykernel>=6"],
         # The TensorBoard viewer for the scalars runs write to <workdir>/tb (tensorboardX).
         "tensorboard": ["tensorboard>=2.16"],
+        # The documentation site (mkdocs.yml; `mkdocs serve`), API reference from docstrings.
+        "docs": ["mkdocs>=1.6,<2", "mkdocstrings[python]>=1.0,<2", "mkdocstrings-python>=2.0,<3"],
     },
 )

@@ -57,7 +57,9 @@ def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {name: bench.seconds(name) for name in fns}
 
 
-def bench_point(args, groups: int, null: float, backend: str, interpret: bool) -> dict:
+def bench_point(args, groups: int, null: float, backend: str, interpret: bool, extra=None) -> dict:
+    """One (G, null) point: every variant timed side by side. extra(lhs, rhs, gs, grad) may
+    add peers as {name: (jitted fn, args)} (benchmarks/accelerator.py: tokamax)."""
     dtype = jnp.dtype(args.dtype)
     rows, d, f = args.rows, args.d, args.f
     sizes = group_sizes_for(rows, groups, null, seed=groups)
@@ -89,6 +91,8 @@ def bench_point(args, groups: int, null: float, backend: str, interpret: bool) -
     }
     if args.no_ragged:
         del fns["ragged"], fns["ragged_t"]
+    if extra is not None:
+        fns.update(extra(lhs, rhs, gs, grad))
     secs = time_interleaved(fns, args.repeats)
     flops = 2.0 * real * d * f
     point = {
@@ -102,6 +106,12 @@ def bench_point(args, groups: int, null: float, backend: str, interpret: bool) -
     out = np.asarray(gmm(lhs, rhs, gs), np.float32)
     assert np.isfinite(out).all() and (out[real:] == 0).all(), "gmm: bad tail rows"
     return point
+
+
+HEADER = (  # the columns of fmt_row
+    "   G  null     real |      gmm    dense   ragged gmm/dn gmm/rg |"
+    "     tgmm  dense_t ragged_t tg/dnT |  t/t0"
+)
 
 
 def fmt_row(p: dict, t0: float | None) -> str:
@@ -158,10 +168,7 @@ def main() -> None:
     results = []
     for backend in backends:
         print(f"\nkernel: {backend}{' (interpret)' if smoke else ''}   TFLOP/s of useful work")
-        print(
-            "   G  null     real |      gmm    dense   ragged gmm/dn gmm/rg |"
-            "     tgmm  dense_t ragged_t tg/dnT |  t/t0"
-        )
+        print(HEADER)
         for groups in (int(g) for g in args.groups.split(",")):
             t0 = None
             for null in (float(z) for z in args.nulls.split(",")):

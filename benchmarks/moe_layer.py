@@ -48,10 +48,19 @@ D_MODEL = 512
 # ---------------------------------------------------------------------------------------------
 # Layers under test.
 # ---------------------------------------------------------------------------------------------
-def make_moe(n: int, f: int, k: int, rho: float, backend: str) -> MoE:
+def make_moe(
+    n: int, f: int, k: int, rho: float, backend: str, d_model: int = D_MODEL, dtype="float32"
+) -> MoE:
     """Null-router MoE; the same seed gives the same weights for every (rho, backend)."""
     cfg = MoEConfig(
-        d_model=D_MODEL, d_ff=f, num_experts=n, top_k=k, rho=rho, router="null", backend=backend
+        d_model=d_model,
+        d_ff=f,
+        num_experts=n,
+        top_k=k,
+        rho=rho,
+        router="null",
+        backend=backend,
+        dtype=dtype,
     )
     return MoE(cfg, rngs=nnx.Rngs(0))
 
@@ -121,13 +130,28 @@ def moe_call(m, x):
     return y, aux["aux_loss"]
 
 
-def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: bool, log):
+def run_shape(
+    n: int,
+    f: int,
+    tokens: int,
+    repeats: int,
+    peers: bool,
+    scaling: bool,
+    log,
+    *,
+    backend: str = "tiled",
+    d_model: int = D_MODEL,
+    dtype: str = "float32",
+    peer_backends: tuple[str, ...] = ("ragged", "dense"),
+):
+    """Compiles and times every variant of one (N, F) shape. backend: the layer path under
+    test (its variants are named after it); peer_backends: other backends at K^4_0.5."""
     rng = np.random.default_rng(0)
 
     def inputs(t):
-        x = rng.normal(size=(t, D_MODEL)).astype(np.float32)
+        x = rng.normal(size=(t, d_model)).astype(np.float32)
         x[:, 0] = 1.0  # constant feature: carries the calibrated null-logit bias
-        dy = rng.normal(size=(t, D_MODEL)).astype(np.float32)
+        dy = rng.normal(size=(t, d_model)).astype(np.float32)
         return jnp.asarray(x), jnp.asarray(dy)
 
     x, dy = inputs(tokens)
@@ -135,7 +159,7 @@ def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: b
     realized = {}
 
     def add_moe(name, k, rho, backend, xx=x, dyy=dy):
-        layer = make_moe(n, f, k, rho, backend)
+        layer = make_moe(n, f, k, rho, backend, d_model, dtype)
         realized[name] = calibrate_null_bias(layer, xx)
         fn, params = fwd_bwd(layer, moe_call)
         bench.add(name, fn, params, xx, dyy, k=k, rho=rho, backend=backend)
@@ -143,18 +167,19 @@ def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: b
         return layer
 
     for rho in (1.0, 0.5, 0.25):
-        add_moe(f"tiled K4 rho={rho}", 4, rho, "tiled")
-    add_moe("tiled K2 rho=1.0", 2, 1.0, "tiled")
-    add_moe("tiled K8 rho=0.25", 8, 0.25, "tiled")
-    ffn = FFN(D_MODEL, 2 * f, rngs=nnx.Rngs(0))
+        add_moe(f"{backend} K4 rho={rho}", 4, rho, backend)
+    add_moe(f"{backend} K2 rho=1.0", 2, 1.0, backend)
+    add_moe(f"{backend} K8 rho=0.25", 8, 0.25, backend)
+    ffn = FFN(d_model, 2 * f, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
     fn, params = fwd_bwd(ffn, lambda m, x: (m(x), 0.0))
     bench.add("dense FFN hidden=2F", fn, params, x, dy)
     log("  compiled dense FFN")
     if peers:
-        for backend in ("ragged", "dense"):
-            add_moe(f"{backend} K4 rho=0.5", 4, 0.5, backend)
+        for peer in peer_backends:
+            if peer != backend:
+                add_moe(f"{peer} K4 rho=0.5", 4, 0.5, peer)
         add_moe("unfused tiled K4 rho=0.5", 4, 0.5, "tiled_unfused")
-        layer = make_moe(n, f, 4, 0.5, "tiled")
+        layer = make_moe(n, f, 4, 0.5, backend, d_model, dtype)
         calibrate_null_bias(layer, x)
         for cf in (1.0, 1.25):
             cap = math.ceil(cf * tokens * 4 * 0.5 / n)
@@ -164,25 +189,38 @@ def run_shape(n: int, f: int, tokens: int, repeats: int, peers: bool, scaling: b
     if scaling:
         for t in (1024, 16384):
             xt, dyt = inputs(t)
-            add_moe(f"tiled K4 rho=0.5 T={t}", 4, 0.5, "tiled", xt, dyt)
+            add_moe(f"{backend} K4 rho=0.5 T={t}", 4, 0.5, backend, xt, dyt)
     bench.run(repeats)
     return bench, realized
 
 
-def report(n, f, tokens, bench: Bench, realized, peers, scaling):
+def report(
+    n,
+    f,
+    tokens,
+    bench: Bench,
+    realized,
+    peers,
+    scaling,
+    *,
+    backend: str = "tiled",
+    d_model: int = D_MODEL,
+    peer_backends: tuple[str, ...] = ("ragged", "dense"),
+):
+    """Prints the table and the ratios of one shape; returns them as a dict."""
     ms = bench.ms
-    base = "tiled K4 rho=0.5"
+    base = f"{backend} K4 rho=0.5"
     rows = []
 
     def row(section, name, value, target=None, ok=None):
         rows.append(dict(section=section, name=name, value=value, target=target, ok=ok))
 
-    r1 = ms("tiled K4 rho=1.0")
+    r1 = ms(f"{backend} K4 rho=1.0")
     for rho, tgt in ((0.5, 0.55), (0.25, 0.30)):
-        v = ms(f"tiled K4 rho={rho}") / r1
+        v = ms(f"{backend} K4 rho={rho}") / r1
         row("1 rho sweep", f"t(rho={rho})/t(rho=1)", v, f"<= {tgt}", v <= tgt)
-    k2 = ms("tiled K2 rho=1.0")
-    for name, tgt in ((base, 1.15), ("tiled K8 rho=0.25", 1.3)):
+    k2 = ms(f"{backend} K2 rho=1.0")
+    for name, tgt in ((base, 1.15), (f"{backend} K8 rho=0.25", 1.3)):
         v = ms(name) / k2
         row(
             "2 iso-FLOP",
@@ -195,21 +233,25 @@ def report(n, f, tokens, bench: Bench, realized, peers, scaling):
     row("3 vs dense FFN", "t(K4_0.5)/t(FFN hidden 2F)", v, "<= 1.3", v <= 1.3)
     if peers:
         want = 4.0 if n <= 8 else 20.0
-        v = ms("ragged K4 rho=0.5") / ms(base)
-        row("4 peers", "t(ragged_dot)/t(tiled)", v, f">= {want}", v >= want)
-        v = ms("dense K4 rho=0.5") / ms(base)
-        row("4 peers", "t(dense ref)/t(tiled)", v)
+        names = {"ragged": "ragged_dot", "dense": "dense ref"}
+        for peer in (p for p in peer_backends if p != backend):
+            v = ms(f"{peer} K4 rho=0.5") / ms(base)
+            label = f"t({names.get(peer, peer)})/t({backend})"
+            if peer == "ragged":
+                row("4 peers", label, v, f">= {want}", v >= want)
+            else:
+                row("4 peers", label, v)
         v = ms("unfused tiled K4 rho=0.5") / ms(base)
-        row("4 peers", "t(unfused tiled)/t(tiled)", v)
+        row("4 peers", f"t(unfused tiled)/t({backend})", v)
         for cf in (1.0, 1.25):
             v = ms(f"einsum cf={cf} K4 rho=0.5") / ms(base)
-            row("4 peers", f"t(einsum cf={cf})/t(tiled)", v, "> 1", v > 1)
+            row("4 peers", f"t(einsum cf={cf})/t({backend})", v, "> 1", v > 1)
     if scaling:
         t4 = ms(base)
         for t in (1024, 16384):
-            v = ms(f"tiled K4 rho=0.5 T={t}") / t4
+            v = ms(f"{backend} K4 rho=0.5 T={t}") / t4
             row("5 scaling", f"t(T={t})/t(T={tokens})", v, f"~ {t / tokens:g}")
-    print(f"\n== N={n} experts, F={f}, T={tokens}, D={D_MODEL}, fwd+bwd, median of n calls ==")
+    print(f"\n== N={n} experts, F={f}, T={tokens}, D={d_model}, fwd+bwd, median of n calls ==")
     print(f"{'variant':34s} {'ms':>9s} {'n':>4s} {'temp MiB':>9s} {'real/tok':>9s}")
     for name in bench.fns:
         rt = realized.get(name)
@@ -226,7 +268,8 @@ def report(n, f, tokens, bench: Bench, realized, peers, scaling):
         num_experts=n,
         d_ff=f,
         tokens=tokens,
-        d_model=D_MODEL,
+        d_model=d_model,
+        backend=backend,
         variants={
             name: dict(
                 median_ms=ms(name),

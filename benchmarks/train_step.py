@@ -82,9 +82,15 @@ TARGETS = (  # (ratio name, numerator, denominator, bound, kind)
 class Variant:
     """One config's compiled train step and its (donated, fed back) state."""
 
-    def __init__(self, label: str, arg: str, steps_before: int, train_steps: int = 0):
+    def __init__(
+        self, label: str, arg: str, steps_before: int, train_steps: int = 0, overrides=None
+    ):
+        """overrides(config_dict): edits the config before it is converted (e.g. a model
+        sized for an accelerator, benchmarks/accelerator.py)."""
         c = _load_configs().get_config(arg)
         c.log.eval_every, c.log.tensorboard, c.log.progress, c.log.plots = 0, False, False, False
+        if overrides is not None:
+            overrides(c)
         run_warmup = c.opt.warmup_steps  # the config's own warmup, for the pre-training run
         # A warmup of 10^6 steps keeps the learning rate near 0: the step computes exactly
         # what it does in training, but the weights, and so the routing, stay where the
@@ -207,12 +213,7 @@ def main():
             f"  {label} ({arg}): trained {args.train_steps} steps in {v.train_s:.0f} s, "
             f"compiled the timed step in {v.compile_s:.0f} s"
         )
-    for r in range(args.rounds):
-        for v in variants:
-            v.recalibrate()
-            v.call()  # untimed: caches the peers evicted do not land on a measurement
-            v.timed(args.calls)
-        log(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{v.ms:.0f}" for v in variants))
+    time_rounds(variants, args.rounds, args.calls, log)
     shares = {}
     if not args.no_breakdown:
         for v in variants:
@@ -221,7 +222,18 @@ def main():
     report(variants, shares, args.json)
 
 
-def report(variants, shares, json_path):
+def time_rounds(variants, rounds: int, calls: int, log) -> None:
+    """Interleaved rounds: each round recalibrates, warms and times every variant in turn."""
+    for r in range(rounds):
+        for v in variants:
+            v.recalibrate()
+            v.call()  # untimed: caches the peers evicted do not land on a measurement
+            v.timed(calls)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v.ms:.0f}" for v in variants))
+
+
+def report(variants, shares, json_path=None) -> dict:
+    """Prints the table and the targets; returns (and with json_path writes) every number."""
     by = {v.label: v for v in variants}
     dense, dense_best = by["dense"].ms, by["dense"].best_ms
     cats = [c for c, _ in CATEGORIES] + ["rest"]
@@ -270,12 +282,13 @@ def report(variants, shares, json_path):
         targets.append(dict(name=name, value=value, best=best, bound=f"{kind} {bound}", ok=ok))
         verdict = "ok" if ok else "MISSED"
         print(f"{name:38s} {value:7.3f} {kind + ' ' + str(bound):>8s} {verdict:6s} best {best:.3f}")
+    out = dict(jax=jax.__version__, platform=jax.devices()[0].platform, tokens=tokens)
+    out = dict(out, train_steps=variants[0].train_steps, variants=rows, targets=targets)
     if json_path:
         with open(json_path, "w") as fh:
-            out = dict(jax=jax.__version__, platform=jax.devices()[0].platform, tokens=tokens)
-            out["train_steps"] = variants[0].train_steps
-            json.dump(dict(out, variants=rows, targets=targets), fh, indent=1)
+            json.dump(out, fh, indent=1)
         print(f"wrote {json_path}")
+    return out
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ Launch:
   tensorboard --logdir=./workdir        # the viewer: pip install -e ".[tensorboard]"
   python train.py --config=configs/default.py:lm --config.init.hf=/path/to/checkpoint \
       --config.init.granularity=4 --config.data.kind=text "--config.data.paths=('a.jsonl',)"
-      # upcycle a Hugging Face Llama / Qwen2 / Mistral checkpoint (README, moe_jax.train.hf_init)
+      # upcycle a Hugging Face Llama / Qwen2 / Mistral checkpoint (docs/huggingface.md, moe_jax.train.hf_init)
 Config errors print one line `error: config.<section>.<field>=<value> is invalid: ...` and exit 2.
 """
 
@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.null_controller = "pi"  # pi (u = integral gain) | sign (b -= u * sign(error))
     e.null_kp = 0.0  # proportional gain of the pi null-ratio controller
     e.null_calibrate = True  # first training batch sets the null bias: E[real] = K*rho at step 1
-    e.backend = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
+    e.backend = "auto"  # expert backend: auto | dense | ragged | tiled | pallas | tokamax
     e.router_dtype = "float32"  # router logits/softmax dtype
 
     c.mesh = x = ml_collections.ConfigDict()
@@ -133,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     x.exchange = "auto"  # EP row exchange: auto | ragged (TPU/GPU) | padded (any platform)
 
     c.init = i = ml_collections.ConfigDict()
-    i.hf = ""  # Hugging Face checkpoint folder to upcycle (lm mode; README); "" = random init
+    i.hf = ""  # Hugging Face checkpoint folder to upcycle (lm mode; docs/huggingface.md); "" = random init
     i.granularity = 1  # g: each dense FFN becomes experts of hidden F/g (sets moe.d_ff)
     i.reinit_fraction = 0.3  # share of each expert's hidden units re-initialized
     i.output_scale = 1.0  # multiplies the experts' w_out (g: uniform gates give the dense FFN)
@@ -154,7 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.n_train = placeholder(int)  # train records; None: shapes 100_000, files all but n_eval
     d.max_shapes = 3  # shapes per scene (1..5)
     d.num_workers = 0  # grain worker processes (0 = main process)
-    d.paths = ()  # manifest / text files for the file kinds (README "Training on your own files")
+    d.paths = ()  # manifest / text files for the file kinds (docs/training.md, own files)
     d.truncate = (
         False  # manifest: cut captions longer than text_len - 1 tokens (eos kept); False: error
     )

@@ -11,8 +11,8 @@ Both use bf16 parameters and compute, remat of every block and sequences of 2048
 data section is a placeholder for the AOT fit check (it only fixes the batch shapes): to
 train, point it at your text with --config.data.kind=text --config.data.paths=...
 
-Compile and check the fit from any machine (python -m moe_jax.aot; README "Training across
-hosts" has the measured table):
+Compile and check the fit from any machine (python -m moe_jax.aot; docs/scaling.md has the
+measured table):
   python -m moe_jax.aot --target=tpu:v5p:4x4x4 --config=configs/pod.py:mixtral
   python -m moe_jax.aot --target=tpu:v5e:8x8 --config=configs/pod.py:fine_grained
 Train on a TPU pod (the same command on every worker; jax finds the other hosts):

@@ -25,7 +25,11 @@ BACKENDS = ("tpu", "triton")
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Row tile tm, contraction tile tk, output-column tile tn; Triton launch knobs."""
+    """Row tile tm, contraction tile tk, output-column tile tn; Triton launch knobs.
+
+    Raises:
+        ValueError: a field that is not a positive int, naming it.
+    """
 
     tm: int = 128  # rows of lhs per tile (the grouped, ragged dimension)
     tk: int = 128  # contraction tile (D for gmm, rows are the contraction in tgmm)

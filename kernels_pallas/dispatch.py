@@ -8,6 +8,10 @@ or GPU devices:
   TPU kernel in interpret mode when interpret=True, otherwise a clear error. An explicit
   backend that does not run natively on the target is an error unless interpret=True.
   interpret="auto" means interpret=False on TPU / GPU targets and True elsewhere.
+  fallback="reference": where the target has no native kernel and interpret is off (a CPU, a
+  GPU below compute capability 8.0), lower the jnp reference (reference.py: right values at
+  dense cost) instead of raising; for code that lowers this path beside another and lets the
+  compiler drop it there (moe_jax's backend="auto").
 - On CUDA the rule reads the target devices (jit's device assignment or the shard_map mesh)
   and then (1) refuses GPUs below compute capability 8.0, where XLA has no Triton, naming the
   capability and pointing to an XLA path, and (2) picks Triton tiles that fit the device's
@@ -27,7 +31,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from kernels_pallas import tpu, triton
+from kernels_pallas import reference, tpu, triton
 from kernels_pallas.blocks import (
     BACKENDS,
     MIN_TRITON_CC,
@@ -136,12 +140,58 @@ def _check_smem(op: str, bs: BlockSizes, itemsize: int, smem: int) -> None:
         )
 
 
+def _native(backend: str, platform: str, devices: list) -> bool:
+    """Whether `backend` has a kernel that compiles natively for the target."""
+    native = _NATIVE.get(platform)
+    if native is None or backend not in ("auto", native):
+        return False
+    ccs = [cc for d in devices if (cc := _cc(d)) is not None]
+    return platform != "cuda" or all(cc >= MIN_TRITON_CC for cc in ccs)
+
+
+def _reference(lhs, other, group_sizes, group_offset, *, op, out_dtype, transpose_rhs, groups):
+    if op == "gmm":
+        return reference.gmm_reference(
+            lhs,
+            other,
+            group_sizes,
+            group_offset=group_offset,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=out_dtype,
+        )
+    return reference.tgmm_reference(
+        lhs,
+        other,
+        group_sizes,
+        group_offset=group_offset,
+        num_groups=groups,
+        preferred_element_type=out_dtype,
+    )
+
+
 def _lowering(
-    ctx, *args, platform, op, backend, block_sizes, interpret, out_dtype, transpose_rhs, groups
+    ctx,
+    *args,
+    platform,
+    op,
+    backend,
+    block_sizes,
+    interpret,
+    fallback,
+    out_dtype,
+    transpose_rhs,
+    groups,
 ):
     platform = platform or (ctx.platforms or ctx.module_context.platforms)[0]
     if interpret == "auto":
         interpret = platform not in _NATIVE
+    # Read once: the fallback test, the tiles and jax's Triton lowering all use them.
+    devices = _target_devices(ctx) if platform == "cuda" and not interpret else []
+    if fallback == "reference" and not interpret and not _native(backend, platform, devices):
+        ref = functools.partial(
+            _reference, op=op, out_dtype=out_dtype, transpose_rhs=transpose_rhs, groups=groups
+        )
+        return mlir.lower_fun(ref, multiple_results=False)(ctx, *args)
     family = resolve_backend(backend, interpret, platform)
     lhs_aval, other_aval = ctx.avals_in[:2]
     m, k = lhs_aval.shape
@@ -152,7 +202,6 @@ def _lowering(
     bs = block_sizes
     target = contextlib.nullcontext()
     if family == "triton" and platform == "cuda" and not interpret:
-        devices = _target_devices(ctx)  # read once: tiles and jax's Triton lowering both use it
         target = triton_target(devices)
         smem = _gpu_smem(devices)
         itemsize = np.dtype(lhs_aval.dtype).itemsize
@@ -215,6 +264,7 @@ def gmm(
     block_sizes,
     backend,
     interpret,
+    fallback=None,
 ):
     """The gmm kernel for the lowering platform: [R, D] x [G, D, F] -> [R, F] (see ops.py)."""
     return grouped_matmul_p.bind(
@@ -226,6 +276,7 @@ def gmm(
         backend=backend,
         block_sizes=block_sizes,
         interpret=interpret,
+        fallback=fallback,
         out_dtype=np.dtype(out_dtype),
         transpose_rhs=bool(transpose_rhs),
         groups=rhs.shape[0],
@@ -233,7 +284,17 @@ def gmm(
 
 
 def tgmm(
-    lhs, grad, group_sizes, group_offset, *, num_groups, out_dtype, block_sizes, backend, interpret
+    lhs,
+    grad,
+    group_sizes,
+    group_offset,
+    *,
+    num_groups,
+    out_dtype,
+    block_sizes,
+    backend,
+    interpret,
+    fallback=None,
 ):
     """The tgmm kernel for the lowering platform: [R, D], [R, F] -> [G, D, F] (see ops.py)."""
     return grouped_matmul_p.bind(
@@ -245,6 +306,7 @@ def tgmm(
         backend=backend,
         block_sizes=block_sizes,
         interpret=interpret,
+        fallback=fallback,
         out_dtype=np.dtype(out_dtype),
         transpose_rhs=False,
         groups=int(num_groups),

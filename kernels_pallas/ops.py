@@ -57,6 +57,7 @@ class _Cfg:
     block_sizes: BlockSizes | None  # None: defaults for the target
     interpret: bool | str  # True, False or "auto" (interpret only where no kernel is native)
     out_dtype: np.dtype
+    fallback: str | None = None  # "reference": the jnp reference where no kernel compiles
 
 
 def _run_gmm(cfg: _Cfg, lhs, rhs, group_sizes, group_offset, transpose_rhs: bool):
@@ -73,6 +74,7 @@ def _run_gmm(cfg: _Cfg, lhs, rhs, group_sizes, group_offset, transpose_rhs: bool
         block_sizes=cfg.block_sizes,
         backend=cfg.backend,
         interpret=cfg.interpret,
+        fallback=cfg.fallback,
     )
 
 
@@ -89,6 +91,7 @@ def _run_tgmm(cfg: _Cfg, lhs, grad, group_sizes, group_offset, num_groups: int):
         block_sizes=cfg.block_sizes,
         backend=cfg.backend,
         interpret=cfg.interpret,
+        fallback=cfg.fallback,
     )
 
 
@@ -98,6 +101,12 @@ def _check_interpret(interpret) -> bool | str:
     if not isinstance(interpret, (bool, np.bool_)):
         raise ValueError(f"interpret must be True, False or 'auto', got {interpret!r}")
     return bool(interpret)
+
+
+def _check_fallback(fallback) -> str | None:
+    if fallback not in (None, "reference"):
+        raise ValueError(f"fallback must be None or 'reference', got {fallback!r}")
+    return fallback
 
 
 def _check_backend(backend: str) -> str:
@@ -223,10 +232,38 @@ def gmm(
     block_sizes: BlockSizes | None = None,
     interpret: bool | str = False,
     backend: str = "auto",
+    fallback: str | None = None,
 ) -> jax.Array:
     """Grouped matmul: lhs [R, D], rhs [G, D, F] ([G, F, D] if transpose_rhs) -> [R, F].
 
     Rows of local groups get lhs[r] @ rhs[g]; all other rows are exactly 0 (module docstring).
+    fallback="reference": on a target without a native kernel (and interpret off), lower the
+    jnp reference instead of raising (dispatch.py).
+
+    Args:
+        lhs: rows [R, D] sorted by group (in MoE: R = T·K slots, G = N experts).
+        rhs: weights [G, D, F], or [G, F, D] with transpose_rhs; with group_offset only the
+            G_local groups of this shard.
+        group_sizes: rows per group [G] (all groups, also with group_offset), integer;
+            sum(group_sizes) <= R.
+        group_offset: first global group held by rhs (a scalar, may be traced); None: rhs
+            holds every group.
+        transpose_rhs: contract with rhs [G, F, D] as if it were [G, D, F].
+        preferred_element_type: output dtype (default: the promoted input dtype).
+        block_sizes: tile sizes (default: the table for the target).
+        interpret: True / False, or "auto" (interpret mode only where no kernel is native).
+        backend: "auto" (by the lowering target), "tpu" or "triton".
+        fallback: None or "reference".
+
+    Returns:
+        [R, F] in preferred_element_type.
+
+    Raises:
+        ValueError: lhs not [R, D] or rhs not rank 3, a contraction mismatch, group_sizes not
+            a 1-D integer array, negative or summing past R (when concrete), a group_offset
+            window outside the groups, dtypes other than float32 / bfloat16 / float16, an
+            unknown backend / interpret / fallback; and at lowering, a target without a
+            kernel and no fallback.
     """
     if lhs.ndim != 2 or rhs.ndim != 3:
         raise ValueError(f"lhs must be [R, D] and rhs [G, D, F]; got {lhs.shape} and {rhs.shape}")
@@ -243,6 +280,7 @@ def gmm(
         block_sizes=block_sizes,
         interpret=_check_interpret(interpret),
         out_dtype=np.dtype(preferred_element_type or dtype),
+        fallback=_check_fallback(fallback),
     )
     return _gmm(
         cfg, bool(transpose_rhs), lhs.astype(dtype), rhs.astype(dtype), group_sizes, group_offset
@@ -260,11 +298,31 @@ def tgmm(
     block_sizes: BlockSizes | None = None,
     interpret: bool | str = False,
     backend: str = "auto",
+    fallback: str | None = None,
 ) -> jax.Array:
     """Per-group lhs^T @ grad: lhs [R, D], grad [R, F] -> [G, D, F] (the gmm weight gradient).
 
     num_groups is the local group count; it defaults to len(group_sizes) and is required with
     group_offset.
+
+    Args:
+        lhs: rows [R, D] sorted by group.
+        grad: rows [R, F] (the output gradient of gmm).
+        group_sizes: rows per group [G] (all groups), integer; sum(group_sizes) <= R.
+        group_offset: first global group of this shard's window; None: every group.
+        num_groups: G_local, the groups to produce (required with group_offset).
+        preferred_element_type: output dtype (default: the promoted input dtype).
+        block_sizes: tile sizes (default: the table for the target).
+        interpret: True / False, or "auto".
+        backend: "auto", "tpu" or "triton".
+        fallback: None or "reference".
+
+    Returns:
+        [G_local, D, F]; empty groups give exact zeros.
+
+    Raises:
+        ValueError: as gmm's, plus lhs and grad with different row counts, or group_offset
+            without num_groups.
     """
     if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
         raise ValueError(f"lhs must be [R, D] and grad [R, F]; got {lhs.shape} and {grad.shape}")
@@ -281,6 +339,7 @@ def tgmm(
         block_sizes=block_sizes,
         interpret=_check_interpret(interpret),
         out_dtype=np.dtype(preferred_element_type or dtype),
+        fallback=_check_fallback(fallback),
     )
     return _tgmm(
         cfg, int(num_groups), lhs.astype(dtype), grad.astype(dtype), group_sizes, group_offset

@@ -29,7 +29,16 @@ def gmm_reference(
     transpose_rhs: bool = False,
     preferred_element_type=None,
 ) -> jax.Array:
-    """out[r] = lhs[r] @ rhs[g(r)] (rhs[g].T if transpose_rhs); 0 for rows of no local group."""
+    """out[r] = lhs[r] @ rhs[g(r)] (rhs[g].T if transpose_rhs); 0 for rows of no local group.
+
+    Args:
+        lhs: rows [R, D] sorted by group.
+        rhs: weights [G, D, F] ([G, F, D] with transpose_rhs), the local groups.
+        group_sizes: rows per group, all groups.
+        group_offset: first global group of rhs; None: 0.
+        transpose_rhs: contract with rhs [G, F, D].
+        preferred_element_type: output dtype (default lhs.dtype).
+    """
     out_dtype = preferred_element_type or lhs.dtype
     masks = _row_masks(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])  # [G, R]
     x = lhs.astype(jnp.float32)  # [R, D]
@@ -50,7 +59,16 @@ def tgmm_reference(
     num_groups: int | None = None,
     preferred_element_type=None,
 ) -> jax.Array:
-    """out[g] = lhs[rows of g].T @ grad[rows of g] -> [G, D, F]; empty groups give zeros."""
+    """out[g] = lhs[rows of g].T @ grad[rows of g] -> [G, D, F]; empty groups give zeros.
+
+    Args:
+        lhs: rows [R, D] sorted by group.
+        grad: rows [R, F].
+        group_sizes: rows per group, all groups.
+        group_offset: first global group of the window; None: 0.
+        num_groups: G_local, the groups to produce (default len(group_sizes)).
+        preferred_element_type: output dtype (default lhs.dtype).
+    """
     num_groups = len(group_sizes) if num_groups is None else num_groups
     out_dtype = preferred_element_type or lhs.dtype
     masks = _row_masks(group_sizes, group_offset, num_groups, lhs.shape[0])  # [G, R]

@@ -2,7 +2,7 @@
 
 A jax outside the range fails here with one message naming the installed and the supported
 versions, instead of obscurely inside a kernel lowering or a Flax call. CI runs the full test
-suite at both ends of the range (README, "Supported versions"). Set MOE_JAX_SKIP_VERSION_CHECK=1
+suite at both ends of the range (docs/install.md, "Supported versions"). Set MOE_JAX_SKIP_VERSION_CHECK=1
 to try an unsupported jax anyway.
 """
 

@@ -21,7 +21,19 @@ from moe_jax.parallel import ExpertParallel, ep_forward
 
 
 class FFN(nnx.Module):
-    """Dense FFN (SwiGLU or GELU); used as the shared expert and the dense baseline."""
+    """Dense FFN (SwiGLU or GELU); used as the shared expert and the dense baseline.
+
+    ``y = ffn(x)`` maps [..., D] to [..., D] through a hidden width F.
+
+    Args:
+        d_model: D, the input and output width.
+        d_ff: F, the hidden width.
+        activation: ``"swiglu"`` (w_in, w_gate, w_out) or ``"gelu"`` (w_in, w_out).
+        rngs: parameter initialization keys.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+        use_bias: biases on the projections.
+    """
 
     def __init__(
         self,
@@ -60,6 +72,16 @@ class MoE(nnx.Module):
     Eval behaviour (threshold_eval / capacity_factor_eval) applies when ``deterministic`` is
     set, by argument or through ``layer.eval()``. With ``parallel`` (an ExpertParallel) the
     layer runs expert-parallel over its mesh (moe_jax.parallel.ep).
+
+    Args:
+        config: the layer's settings (D, F, N, K, router, backend, ...), validated when built.
+        rngs: parameter initialization keys, e.g. ``nnx.Rngs(0)``.
+        parallel: run expert-parallel over this mesh (moe_jax.parallel.ExpertParallel); None
+            runs on one device. ``moe.set_parallel(model, ep)`` switches it later.
+
+    Raises:
+        ValueError: ``config.backend`` cannot run here (an unregistered name, or ``pallas``
+            on a GPU below compute capability 8.0); the message names MoEConfig.backend.
     """
 
     def __init__(
@@ -122,6 +144,29 @@ class MoE(nnx.Module):
     def __call__(
         self, x: jax.Array, modality: jax.Array | None = None, *, deterministic: bool | None = None
     ):
+        """Routes each token to its experts and combines their outputs.
+
+        Args:
+            x: activations [B, L, D] or tokens [T, D] (T = B·L), floating point.
+            modality: optional integer ids of x's leading shape ([B, L] or [T]) in
+                [0, num_modalities), e.g. 0 vision / 1 text; they add per-modality statistics
+                to ``aux`` and change nothing else.
+            deterministic: eval-time routing (threshold_eval, capacity_factor_eval) and no
+                controller step; None follows ``layer.eval()`` / ``layer.train()``.
+
+        Returns:
+            ``(y, aux)``: y with x's shape and dtype; aux a dict of scalars and small arrays:
+            ``aux_loss`` (the weighted balance + z loss to add to the training loss),
+            ``lb_loss``, ``z_loss``, ``null_ratio``, ``real_per_token``,
+            ``zero_compute_fraction``, ``expert_load`` [N], ``drop_fraction``, ``num_real``
+            and, with modality ids, per-modality statistics (docs/layer.md lists every key).
+
+        Raises:
+            ValueError: x is not [B, L, D] or [T, D] with D = d_model, not floating point, or
+                holds no token; modality ids have another shape, a non-integer dtype, or
+                (outside jit) values outside [0, num_modalities); with ``parallel``, N or the
+                batch is not divisible by the mesh.
+        """
         cfg = self.config
         if x.ndim not in (2, 3) or x.shape[-1] != cfg.d_model:
             raise ValueError(
@@ -280,6 +325,16 @@ def calibrate_null(model: nnx.Module, *args, **kwargs):
     starts at K*rho real experts per token instead of waiting for L_bal to lift the null logit.
     Call it on the first training batch before the first step (train.py does); no controller
     steps and nothing else changes. Under jax.jit, merge the model inside the jitted function.
+
+    Args:
+        model: an nnx.Module holding MoE layers (a model, or one MoE layer itself). Layers
+            with another router, M = 0 or ``null_calibrate=False`` are left as they are.
+        *args: the model's call arguments, e.g. a MoE layer's x [B, L, D] or a Transformer's
+            tokens [B, L] and images.
+        **kwargs: the model's call keyword arguments.
+
+    Returns:
+        What ``model(*args, **kwargs)`` returns, computed with the calibrated biases.
     """
     layers = null_calibrated_layers(model)
     for m in layers:

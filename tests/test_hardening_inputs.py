@@ -246,7 +246,8 @@ def test_tensorboard_extra_and_own_files_section():
     assert '"tensorboard": ["tensorboard' in setup
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[tensorboard]" && tensorboard --logdir' in readme
-    assert "## Training on your own files" in readme
+    training = (ROOT / "docs" / "training.md").read_text()  # the guide README links to
+    assert "## Training on your own files" in training and "(docs/training.md)" in readme
 
 
 def _train_py(tmp_path, *args):

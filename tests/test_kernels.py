@@ -263,3 +263,23 @@ def test_kernels_lower_natively(backend, platform):
         text = lowered.lower(lowering_platforms=(platform,)).as_text()
         assert native[platform] in text
         assert native["tpu" if platform == "cuda" else "cuda"] not in text
+
+
+def test_reference_fallback_where_no_kernel_compiles():
+    """fallback="reference" (moe_jax's "auto" branch): on a target without a native kernel and
+    interpret off, gmm and its gradients (tgmm) lower the jnp reference instead of raising."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU is the target without a kernel here")
+    lhs, rhs, ct = _data(jnp.float32, [(R, D), (G, D, F), (R, F)], seed=4)
+    sizes = jnp.array([4, 0, 9, 3, 0, 6], jnp.int32)
+
+    def vjp(gmm):
+        out, pull = jax.vjp(lambda a, b: gmm(a, b, sizes), lhs, rhs)
+        return (out, *pull(ct))
+
+    got = jax.jit(lambda: vjp(functools.partial(kp.gmm, fallback="reference")))()
+    want = vjp(kp.gmm_reference)
+    for name, a, b in zip(("out", "d_lhs", "d_rhs"), got, want):
+        _assert_close(a, b, jnp.float32, f"fallback {name}", native=False)
+    with pytest.raises(ValueError, match="fallback must be None or 'reference'"):
+        kp.gmm(lhs, rhs, sizes, fallback="xla")

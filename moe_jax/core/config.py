@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Grouped-matmul backend names MoEConfig.backend accepts: the built-in ones (moe_jax.experts)
 # and every name moe_jax.experts.register_backend has added. Whether a backend can run here
 # (e.g. the Pallas kernels import) is checked when the layer is built.
-_BACKEND_NAMES = ["auto", "dense", "ragged", "tiled", "pallas"]
+_BACKEND_NAMES = ["auto", "dense", "ragged", "tiled", "pallas", "tokamax"]
 
 
 def backend_names() -> tuple[str, ...]:
@@ -68,7 +68,19 @@ def null_count_from_rho(num_experts: int, rho: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """One MoE layer. See README "Config knobs" for the meaning of each field."""
+    """One MoE layer: sizes (D, F, N, K), router, losses, backend and dtypes.
+
+    Each field's trailing comment says what it is (listed below); docs/layer.md has the table
+    with the details. For the null router give exactly one of ``rho`` and
+    ``num_null_experts``: M = N(1-ρ)/ρ null copies, E[K] = K·ρ real experts per token.
+
+    Raises:
+        ValueError: a field outside its range, a NaN or inf, an unknown name (router,
+            activation, dtype, backend), or fields that conflict (rho with another router,
+            both rho and num_null_experts, expert choice in a causal model without
+            allow_noncausal): ``MoEConfig.<field>=<value> is invalid: <allowed range>``,
+            raised when the config is built, before any compute.
+    """
 
     d_model: int  # D: model width
     d_ff: int  # F: hidden width of each expert
@@ -92,7 +104,7 @@ class MoEConfig:
     z_coef: float = 1e-3  # router z-loss coefficient
     lb_scope: str = "local"  # local | global (counts summed over lb_axis_name)
     lb_axis_name: str | tuple[str, ...] | None = None  # mesh axes summed for lb_scope=global
-    backend: str = "auto"  # grouped-matmul backend: auto | dense | ragged | tiled | pallas
+    backend: str = "auto"  # expert backend: auto | dense | ragged | tiled | pallas | tokamax
     router_dtype: str = "float32"  # router logits/softmax dtype
     dtype: str = "float32"  # compute dtype of the expert matmuls
     param_dtype: str = "float32"  # parameter dtype

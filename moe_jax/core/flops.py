@@ -31,6 +31,10 @@ def expected_real_experts(cfg: MoEConfig, *, train: bool = True) -> float:
 
     Threshold router: N at t = 1.0 (dense compute), capped by the capacity bound gamma; below
     t = 1.0 the same min(N, gamma) is only an upper bound (measure it: MoE aux real_per_token).
+
+    Args:
+        cfg: the layer.
+        train: use the training knobs (False: threshold_eval / capacity_factor_eval).
     """
     if cfg.router == "null":
         return cfg.top_k * cfg.density
@@ -43,7 +47,14 @@ def expected_real_experts(cfg: MoEConfig, *, train: bool = True) -> float:
 def moe_flops_per_token(
     cfg: MoEConfig, real_per_token: float | None = None, *, train: bool = True
 ) -> float:
-    """Router + E[K] (or a measured real_per_token) experts + shared expert, per token."""
+    """Router + E[K] (or a measured real_per_token) experts + shared expert, per token.
+
+    Args:
+        cfg: the layer.
+        real_per_token: a measured number of real experts per token (MoE aux
+            ``real_per_token``) in place of E[K].
+        train: E[K] from the training knobs (False: the eval knobs).
+    """
     k = expected_real_experts(cfg, train=train) if real_per_token is None else float(real_per_token)
     total = router_flops_per_token(cfg) + k * ffn_flops_per_token(
         cfg.d_model, cfg.d_ff, cfg.activation
@@ -57,6 +68,15 @@ def iso_flop_family(expected_k: float, k_max: int, num_experts: int) -> tuple[fl
     """(rho, M) such that k_max * rho = expected_k: K^{k_max}_rho with M = N(1-rho)/rho.
 
     Example (N=64, E[K]=2): k_max=2 -> (1.0, 0); 3 -> (2/3, 32); 4 -> (0.5, 64); 8 -> (0.25, 192).
+
+    Args:
+        expected_k: E[K], the real experts per token the family keeps.
+        k_max: K, the slots per token.
+        num_experts: N, the real experts.
+
+    Raises:
+        ValueError: k_max < 1, expected_k outside (0, k_max], or M = N(1-ρ)/ρ not an
+            integer (naming MoEConfig.rho).
     """
     if k_max < 1:
         raise ValueError(f"k_max={k_max} must be >= 1")

@@ -18,6 +18,8 @@ from moe_jax.core import losses
 
 
 class Routing(NamedTuple):
+    """What every router returns; S slots per token (K for token choice)."""
+
     expert_ids: jax.Array  # [T, S] int32, N = null / unselected / dropped
     weights: jax.Array  # [T, S] combine weights, 0 where expert_ids == N
     lb_loss: jax.Array  # scalar, unweighted load-balance loss

@@ -3,7 +3,8 @@
 Built-in backends: "dense" (reference: every expert on every row), "ragged"
 (jax.lax.ragged_dot), "tiled" (fused XLA loop over the real row tiles: gather, FFN, combine;
 the fast path on CPU), "tiled_unfused" (the same tiles as separate grouped matmuls; kept for
-benchmarks), "pallas" (kernels_pallas, imported on first use). register_backend adds more.
+benchmarks), "pallas" (kernels_pallas, imported on first use), "tokamax" (tokamax.ragged_dot;
+the optional [tokamax] extra, imported on first use). register_backend adds more.
 """
 
 from moe_jax.experts import fused_xla, gmm_xla, reference

@@ -11,13 +11,15 @@ sum(group_sizes) are ignored, whatever their token index, weight or contents. A 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax.core.dispatch import group_ids
-from moe_jax.experts.registry import GroupedMatmul, get_backend
+from moe_jax.experts import auto
+from moe_jax.experts.registry import Backend, GroupedMatmul, get_backend, switch_backend
 
 
 class ExpertParams(NamedTuple):
@@ -44,10 +46,21 @@ def routed_ffn(
 ) -> jax.Array:
     """x [T, D]; token_idx [R] int; row_weights [R]; group_sizes [N] (sum <= R) -> y [T, D].
 
-    device: what "auto" resolves for (a device of the program's target; default: the default
-    backend's). Differentiable in x, row_weights and the parameters (routing weights get
-    their gradient through row_weights)."""
-    impl = get_backend(backend, device)
+    device: what "auto" resolves for, a device of the program's target (the expert-parallel
+    mesh's). Without one, "auto" is chosen when the program is lowered, for the devices it is
+    lowered for (auto.py). Differentiable in x, row_weights and the parameters (routing
+    weights get their gradient through row_weights)."""
+    args = (x, token_idx, row_weights, group_sizes, params)
+    if backend == "auto" and device is None:
+        branch = lambda name: functools.partial(  # noqa: E731
+            _routed, switch_backend(name), activation=activation
+        )
+        return auto.by_target(branch, *args)
+    return _routed(get_backend(backend, device), *args, activation=activation)
+
+
+def _routed(impl: Backend, x, token_idx, row_weights, group_sizes, params, *, activation):
+    """routed_ffn over one backend."""
     if impl.fused:
         return impl.fn(x, token_idx, row_weights, group_sizes, *params, activation=activation)
     num_rows = token_idx.shape[0]

@@ -20,3 +20,10 @@ def pallas_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
     Triton for NVIDIA), also when this host compiles for devices it does not have; a CPU
     target runs the kernel in interpret mode."""
     return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret="auto")
+
+
+def pallas_gmm_or_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The branch of backend="auto" (auto.py): the native kernel where one compiles, else the
+    kernels' jnp reference (dense; never an interpret-mode kernel). It is lowered for every
+    target beside the XLA loop, and XLA drops whichever branch the target does not pick."""
+    return kernels_pallas.gmm(lhs, rhs, group_sizes, interpret=False, fallback="reference")

@@ -48,7 +48,14 @@ def _refuse(path: str, field: str, value, why: str) -> UnsupportedCheckpointErro
 
 
 def read_config(directory: str) -> dict:
-    """The parsed config.json of a checkpoint directory."""
+    """The parsed config.json of a checkpoint directory.
+
+    Args:
+        directory: the checkpoint folder.
+
+    Raises:
+        FileNotFoundError: the folder has no config.json.
+    """
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG} (not a Hugging Face checkpoint)")
@@ -123,7 +130,19 @@ def model_config(
     param_dtype: str | None = None,
     where: str = CONFIG,
 ) -> ModelConfig:
-    """The dense text ModelConfig (mode lm) equal to a Hugging Face config (module docstring)."""
+    """The dense text ModelConfig (mode lm) equal to a Hugging Face config (module docstring).
+
+    Args:
+        hf: the parsed config.json (read_config).
+        dtype: compute dtype, "float32" or "bfloat16".
+        param_dtype: parameter dtype (default = dtype).
+        where: the file named in error messages.
+
+    Raises:
+        UnsupportedCheckpointError: another architecture, a required field missing, or a
+            field this reader cannot reproduce exactly (hidden_act other than silu, mlp_bias,
+            quantization, other RoPE types, mixed sliding and full attention), named.
+    """
     arch = architecture(hf, where)
     for field in REQUIRED:
         if hf.get(field) is None:

@@ -117,8 +117,22 @@ def _host(x, dtype) -> np.ndarray:
 
 
 def export_mixtral(model: Transformer, directory: str, dtype: str | None = None) -> str:
-    """Writes `model` as a Mixtral checkpoint (config.json + model.safetensors) in `directory`.
-    dtype: "float32" / "bfloat16" for the tensors; default the model's param_dtype."""
+    """Writes `model` as a Mixtral checkpoint (config.json + model.safetensors) in `directory`,
+    which ``MixtralForCausalLM.from_pretrained(directory)`` loads.
+
+    Args:
+        model: a text Transformer (mode "lm") whose every block is a top-k MoE layer.
+        directory: the folder to write (created if missing).
+        dtype: "float32" / "bfloat16" for the tensors; default the model's param_dtype.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        UnsupportedExportError: a feature Mixtral cannot express (null / threshold / expert
+            choice routers, shared experts, selection biases, biases, dense blocks, ...),
+            naming the first such field; use save_native for those models.
+    """
     cfg = model.cfg
     check_mixtral(cfg)
     dtype = dtype or cfg.param_dtype
@@ -155,7 +169,20 @@ def _path_name(path) -> str:
 
 
 def save_native(model: Transformer, directory: str) -> str:
-    """Writes any moe_jax Transformer in the moe_jax format (module docstring)."""
+    """Writes any moe_jax Transformer in the moe_jax format (module docstring): every array,
+    null experts and selection biases included, as it is.
+
+    Args:
+        model: the Transformer.
+        directory: the folder to write (created if missing): moe_jax_config.json and
+            model.safetensors under nnx paths.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: the safetensors file cannot be written (naming the reason).
+    """
     state = nnx.state(model, nnx.Not(nnx.Intermediate))
     tensors = {
         _path_name(path): np.asarray(jax.device_get(leaf))
@@ -187,7 +214,17 @@ def native_config(directory: str) -> ModelConfig:
 
 
 def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transformer, ModelConfig]:
-    """(model, model_config) from a save_native folder; every array as it was saved."""
+    """(model, model_config) from a save_native folder; every array as it was saved.
+
+    Args:
+        directory: a folder written by save_native.
+        sharding: as load_model's: None, one Sharding, or a callable (path, shape) -> Sharding.
+
+    Raises:
+        FileNotFoundError: no moe_jax_config.json in the folder.
+        ValueError: an unknown format version, or saved arrays that do not match the config's
+            model (names, shapes, dtypes).
+    """
     cfg = native_config(directory)
     graphdef, state = abstract_model(cfg)
     pure = nnx.to_pure_dict(state)

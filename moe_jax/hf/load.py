@@ -37,7 +37,11 @@ Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding
 
 
 def weight_map(cfg: ModelConfig) -> list[tuple[str, tuple, bool]]:
-    """[(HF tensor name, moe_jax parameter path, transposed)] for a dense text model."""
+    """[(HF tensor name, moe_jax parameter path, transposed)] for a dense text model.
+
+    Args:
+        cfg: the dense text model (mode "lm"), e.g. from model_config.
+    """
     out = [("model.embed_tokens.weight", ("embed", "embedding"), False)]
     for i in range(cfg.n_layers):
         pre, blk = f"model.layers.{i}.", ("blocks", i)
@@ -141,10 +145,23 @@ def load_model(
 ) -> tuple[Transformer, ModelConfig]:
     """(model, model_config) of a checkpoint directory (config.json + safetensors).
 
-    dtype: compute dtype, "float32" or "bfloat16"; param_dtype: parameter dtype (default =
-    dtype). sharding: None (default device), one jax.sharding.Sharding for every parameter, or
-    a callable (parameter path "blocks.0.attn.wq.kernel", shape) -> Sharding.
-    Unsupported architectures and config fields raise before any tensor is read.
+    Tensors are read one at a time and placed straight onto their devices; ``model(tokens
+    [B, L])[0]`` are the logits [B, L, V].
+
+    Args:
+        path: a Llama / Qwen2 / Mistral checkpoint folder: config.json and model.safetensors
+            (or shards with model.safetensors.index.json).
+        dtype: compute dtype, "float32" or "bfloat16".
+        param_dtype: parameter dtype (default = dtype).
+        sharding: None (default device), one jax.sharding.Sharding for every parameter, or
+            a callable (parameter path "blocks.0.attn.wq.kernel", shape) -> Sharding.
+
+    Raises:
+        UnsupportedCheckpointError: another architecture or a config field that cannot be
+            read exactly (named), before any tensor is read.
+        FileNotFoundError: no config.json or no safetensors file.
+        ValueError: a tensor missing, of another shape than the config implies, unused, or
+            a file that is not valid safetensors (naming the file and tensor).
     """
     cfg = model_config(read_config(path), dtype=dtype, param_dtype=param_dtype, where=path)
     reader = CheckpointReader(path)

@@ -60,7 +60,25 @@ def upcycle_checkpoint(
 ) -> Transformer:
     """An MoE Transformer upcycled from the dense checkpoint at `path` (module docstring).
     moe_cfg.d_ff must be intermediate_size / granularity; dense_cfg defaults to the
-    checkpoint's own config (pass one to change dtypes or max_len)."""
+    checkpoint's own config (pass one to change dtypes or max_len).
+
+    Args:
+        path: a dense Llama / Qwen2 / Mistral checkpoint folder (see load_model).
+        moe_cfg: the MoE layer: N = num_experts (a multiple of granularity), F = d_ff =
+            intermediate_size / granularity, router, K, rho.
+        granularity: g, each dense FFN [D, g·F] is cut into g experts of hidden F, then
+            replicated to N.
+        reinit_fraction: share of each expert's hidden units re-initialized.
+        rng: key for the re-initialized units and the fresh router.
+        moe_every: every n-th block gets the MoE layer; the others keep the dense FFN.
+        output_scale: multiplies the experts' w_out (g: uniform gates give the dense FFN).
+        dense_cfg: the dense model config to load into (default: the checkpoint's own).
+
+    Raises:
+        UnsupportedCheckpointError: as load_model.
+        ValueError: moe_cfg's sizes do not fit the checkpoint (d_model, d_ff × granularity,
+            N not a multiple of granularity), naming the field.
+    """
     dense_cfg = dense_cfg or checkpoint_model_config(path)
     dense = load_dense(path, dense_cfg)
     return upcycle(

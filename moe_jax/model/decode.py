@@ -50,7 +50,19 @@ def generate(
     eos_id: int | None = None,
 ) -> jax.Array:
     """Greedy decoding with the KV cache. prompt_tokens [B, L0] (rows share L0; no padding).
-    Returns the new tokens [B, max_new_tokens]; after eos_id a row emits 0 (pad)."""
+    Returns the new tokens [B, max_new_tokens]; after eos_id a row emits 0 (pad).
+
+    Args:
+        model: the Transformer (eval-time routing is used).
+        images: [B, H, W, C] for a vision-language model, else None.
+        prompt_tokens: integer token ids [B, L0] in [0, V).
+        max_new_tokens: tokens to generate, >= 1; L0 + max_new_tokens <= max_len.
+        eos_id: stop token; None generates max_new_tokens everywhere.
+
+    Raises:
+        ValueError: max_new_tokens < 1, a prompt past max_len, or token ids outside the
+            vocabulary (checked on the host, before any compute).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     check_text(prompt_tokens, model.cfg.max_len, model.cfg.vocab_size)

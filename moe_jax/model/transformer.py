@@ -224,12 +224,12 @@ _block_remat = nnx.remat(_block_fwd, static_argnums=(4,))
 
 
 class Transformer(nnx.Module):
-    """``logits, aux = model(tokens [B, L], images [B, H, W, C] | None, deterministic=False)``.
+    """``logits [B, L, V], aux = model(tokens [B, L], images [B, H, W, C] | None)``; aux holds
+    "aux_loss" (all MoE layers), "moe" (per-layer aux), "modality" [B, P+L] (0 vision, 1 text).
 
-    logits [B, L, V] fp32 for the text positions (logits[:, i] predicts tokens[:, i+1]);
-    aux = {"aux_loss": sum of the MoE layers' weighted aux losses, "moe": [per-layer aux dict],
-    "modality": [B, P+L] int32 (0 vision, 1 text)}.
-    """
+    Args:
+        cfg: the model (fp32 logits at the text positions; logits[:, i] predicts tokens[:, i+1]).
+        rngs: parameter initialization keys (nnx.Rngs)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -96,7 +96,23 @@ def upcycle(
     output_scale: float = 1.0,
 ) -> Transformer:
     """A new MoE Transformer from a dense one (a model, or its nnx.Param state / pure dict
-    with dense_cfg). Blocks i with (i+1) % moe_every == 0 become MoE blocks."""
+    with dense_cfg). Blocks i with (i+1) % moe_every == 0 become MoE blocks.
+
+    Args:
+        dense: the dense model, or its parameters (nnx.State or pure dict) with dense_cfg.
+        moe_cfg: the MoE layer; d_ff = F = dense d_ff / granularity, num_experts = N a
+            multiple of granularity, SwiGLU experts.
+        granularity: g, experts cut from each dense FFN before replication to N.
+        reinit_fraction: share of each expert's hidden units re-initialized, in [0, 1].
+        rng: key for the re-initialized units and the fresh router.
+        dense_cfg: the dense model's config, required when ``dense`` is a state.
+        moe_every: every n-th block becomes an MoE block.
+        output_scale: multiplies the experts' w_out.
+
+    Raises:
+        ValueError: a source that is not dense, g not dividing d_ff, moe_cfg.d_ff·g ≠ d_ff,
+            N not a multiple of g, non-SwiGLU experts, reinit_fraction outside [0, 1].
+    """
     if isinstance(dense, Transformer):
         dense_cfg = dense.cfg
         params = nnx.to_pure_dict(nnx.state(dense, nnx.Param))

@@ -26,7 +26,22 @@ def init_distributed(
 ) -> bool:
     """jax.distributed.initialize from arguments, else MOE_JAX_COORDINATOR /
     MOE_JAX_NUM_PROCESSES / MOE_JAX_PROCESS_ID. Returns False (and does nothing) for a single
-    process. local_device_count sets the number of CPU devices per process (CPU only)."""
+    process. local_device_count sets the number of CPU devices per process (CPU only).
+
+    Args:
+        coordinator_address: "host:port" of process 0.
+        num_processes: processes in the run.
+        process_id: this process, in [0, num_processes).
+        local_device_count: CPU devices per process (local multi-process runs and tests).
+        timeout_s: seconds to wait for every process to join.
+
+    Returns:
+        True when jax.distributed was initialized, False for a single process.
+
+    Raises:
+        ValueError: several processes but the address, count or id missing, or an id
+            outside [0, num_processes).
+    """
     env = os.environ
     coordinator_address = coordinator_address or env.get("MOE_JAX_COORDINATOR")
     if num_processes is None and "MOE_JAX_NUM_PROCESSES" in env:
@@ -55,7 +70,16 @@ def init_distributed(
 
 
 def process_rows(global_batch: int, mesh: Mesh) -> slice:
-    """The rows of a [global_batch, ...] token-split batch that this process's devices own."""
+    """The rows of a [global_batch, ...] token-split batch that this process's devices own.
+
+    Args:
+        global_batch: B, the rows of the global batch.
+        mesh: the ("data", "fsdp", "expert") mesh over every process's devices.
+
+    Raises:
+        ValueError: this process's devices do not own one contiguous block of rows (a mesh
+            not built by make_mesh).
+    """
     sharding = NamedSharding(mesh, spec("tokens"))
     idx = sharding.addressable_devices_indices_map((global_batch,))
     bounds = sorted({s[0].indices(global_batch)[:2] for s in idx.values()})
@@ -69,7 +93,16 @@ def process_rows(global_batch: int, mesh: Mesh) -> slice:
 
 
 def global_batch(local, mesh: Mesh, global_size: int):
-    """Assemble a global token-split array from each process's rows (see process_rows)."""
+    """Assemble a global token-split array from each process's rows (see process_rows).
+
+    Args:
+        local: this process's rows [B_local, ...] (B_local = the length of process_rows).
+        mesh: the ("data", "fsdp", "expert") mesh.
+        global_size: B, the rows of the global batch.
+
+    Returns:
+        A jax.Array [B, ...] split over the batch axes.
+    """
     sharding = NamedSharding(mesh, spec("tokens"))
     shape = (global_size, *np.shape(local)[1:])
     return jax.make_array_from_process_local_data(sharding, local, shape)

@@ -22,7 +22,9 @@ Per shard:
      permutation, no sort) and run the one expert entry point (experts.routed_ffn) over the
      N_loc local experts with it as the row -> received-row index and weight 1, so the
      results land in the received layout (the fused "tiled" loop gathers and scatters
-     itself; nothing is copied into a second buffer);
+     itself; nothing is copied into a second buffer). Every backend sees the shard's slice of
+     the weights [N_loc, ...] and the group sizes of those local experts, so local groups start
+     at 0 and no grouped matmul needs a group offset (tokamax has none: NotImplementedError);
   6. exchange back along the same routes and scatter-add (weight x output) into the tokens.
 Capacity routers (threshold, capped top-k, expert choice) apply capacity per shard, with
 T = T_loc, exactly as XMoE does with its local batch.
@@ -93,6 +95,8 @@ def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb, ep
     n = cfg.num_experts
     n_loc = n // ep
     cdt = jnp.dtype(cfg.dtype)
+    if ep == 1:
+        return _routed_local(xt.astype(cdt), r, params, cfg, device)
     with jax.named_scope("dispatch"):
         plan = dispatch.make_plan(r.expert_ids, r.weights, n)  # sorted rows, nulls last
         sizes = plan.group_sizes.reshape(ep, n_loc)  # [EP, N_loc] rows per destination expert
@@ -139,6 +143,29 @@ def _routed(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, cb, ep
     return y.astype(cdt), jnp.sum(sent), overflow
 
 
+def _routed_local(xt, r: routing.Routing, params: ExpertParams, cfg: MoEConfig, device):
+    """Steps 2-6 without an "expert" axis (data / FSDP meshes): nothing is exchanged, so the
+    shard runs the single-device path (routed_ffn gathers the sorted rows itself) and nothing
+    overflows. The send-buffer copy xt[tok] it skips was a second gather whose transpose (a
+    scatter-add into the token gradient, which XLA merges with the router's input gradient)
+    aborted libtpu 0.0.42-0.0.50 on TPU v5e/v6e for some shard sizes (T_loc = 176, 352, 704 at
+    D = 128: the default config on 4 chips, tests/test_aot.py)."""
+    with jax.named_scope("dispatch"):
+        plan = dispatch.make_plan(r.expert_ids, r.weights, cfg.num_experts)
+    with jax.named_scope("experts"):
+        y = routed_ffn(
+            xt,
+            plan.token_idx,
+            plan.weights,
+            plan.group_sizes,
+            params,
+            activation=cfg.activation,
+            backend=cfg.backend,
+            device=device,
+        )  # [T, D]
+    return y.astype(xt.dtype), plan.num_real, jnp.zeros((), jnp.int32)
+
+
 def _shard_fn(xt, logits, modality, sel_bias, params, *, cfg, train, cb, ep, kind, device):
     lb_axes = lb_axis_names(cfg) if cfg.lb_scope == "global" else None
     with jax.named_scope("route"):
@@ -164,13 +191,30 @@ def ep_forward(
     *,
     train: bool,
 ):
-    """Expert-parallel routed experts over ep.mesh. xt [T, D] (batch-major tokens), logits
-    [T, N(+1)], modality [T] or None, selection_bias [N(+1)] or None, params with the full
-    [N, ...] expert weights (split over "expert" here).
+    """Expert-parallel routed experts over ep.mesh: one shard_map around route -> dispatch ->
+    row exchange -> local experts -> exchange back -> combine. The MoE layer calls it; the
+    single-device counterpart is moe.local_forward, with the same arguments and results.
 
-    Returns (y [T, D], lb_loss, z_loss, stats, expert_ids [T, S]): the statistics of stats.routing_stats over the
-    global batch plus "ep_overflow_fraction", "ep_rows_sent" (global rows sent per direction)
-    and "ep_buffer_rows" (global rows of send buffer per direction)."""
+    Args:
+        xt: tokens [T, D], batch-major (T = B·L; the mesh splits B).
+        logits: router logits [T, N+1] (null router; column N is the null logit) or [T, N].
+        modality: modality ids [T] or None.
+        selection_bias: the selection-only router bias [N+1] / [N], or None.
+        params: the full expert weights (w_in [N, D, F], ...), split over "expert" here.
+        cfg: the layer.
+        ep: the mesh and exchange settings.
+        train: training knobs (False: threshold_eval / capacity_factor_eval).
+
+    Returns:
+        (y [T, D], lb_loss, z_loss, stats, expert_ids [T, S]): the statistics of
+        stats.routing_stats over the global batch plus "ep_overflow_fraction",
+        "ep_rows_sent" (global rows sent per direction) and "ep_buffer_rows" (global rows of
+        send buffer per direction).
+
+    Raises:
+        ValueError: N not divisible by the expert axis, T's batch not divisible by
+            data × fsdp × expert, or lb_axis_name naming an axis the mesh lacks.
+    """
     ep.check(cfg, xt.shape[0])
     t_loc = xt.shape[0] // ep.num_shards
     cb = buffer_rows(cfg, ep.config, t_loc, ep.expert_size, train=train)
@@ -200,9 +244,12 @@ def ep_forward(
     # Interpret-mode Pallas kernels and the tiled backend's while loop (its carry starts as an
     # unvarying zeros array) do not type-check under device-variance checking; without it the
     # values and gradients still equal one device (tests/test_parallel.py covers "tiled").
-    check_vma = resolve_backend(cfg.backend, device) not in ("pallas", "tiled")
+    # Nor does "tokamax" (a primitive chosen at lowering; its weight gradient varies with the
+    # shard's group sizes; tests/test_tokamax.py covers it).
+    check_vma = resolve_backend(cfg.backend, device) not in ("pallas", "tiled", "tokamax")
     y, lb, z, st, ids = jax.shard_map(
         fn, mesh=ep.mesh, in_specs=specs, out_specs=(tok, P(), P(), P(), tok), check_vma=check_vma
     )(*args)
-    st["ep_buffer_rows"] = jnp.asarray(ep.num_shards * ep.expert_size * cb, jnp.float32)
+    rows = 0 if ep.expert_size == 1 else ep.num_shards * ep.expert_size * cb  # no buffer at EP 1
+    st["ep_buffer_rows"] = jnp.asarray(rows, jnp.float32)
     return y, lb, z, st, ids

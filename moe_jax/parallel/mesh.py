@@ -74,6 +74,11 @@ class MeshConfig:
     worst case. None or "dropless" sizes it for the worst case, so nothing can overflow. Rows
     that do not fit are not sent: they contribute 0 to their token and are counted in
     aux["ep_overflow_fraction"].
+
+    Raises:
+        ValueError: a size that is not a positive integer (data may be -1), a buffer_factor
+            that is not > 0, None or "dropless", an unknown exchange; the message names the
+            field (``MeshConfig.<field>=<value> is invalid: ...``).
     """
 
     data: int | None = -1  # data-parallel size; -1 / None = devices / (fsdp * expert)
@@ -133,6 +138,19 @@ def make_mesh(
 
     Axis types are always passed explicitly; the default Auto lets jit reshard unplaced inputs.
     With Explicit axes, the layer reshards its inputs itself before the shard_map.
+
+    Args:
+        config: the axis sizes (default MeshConfig(): every device on ``data``).
+        devices: the devices to lay the mesh over, e.g. compile-only devices of another
+            target (kernels_pallas.targets); default jax.devices().
+        axis_types: one jax.sharding.AxisType per axis of ("data", "fsdp", "expert").
+
+    Returns:
+        A jax.sharding.Mesh of shape (data, fsdp, expert).
+
+    Raises:
+        ValueError: fsdp × expert does not divide the device count, data × fsdp × expert
+            does not equal it, or axis_types has the wrong length.
     """
     config = config or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
@@ -149,7 +167,16 @@ def make_mesh(
 class ExpertParallel:
     """What an MoE layer needs to run expert-parallel: the mesh and the exchange settings.
 
-    Hashable (it is static structure of the layer, not a parameter)."""
+    Hashable (it is static structure of the layer, not a parameter). Pass it as
+    ``MoE(cfg, rngs=..., parallel=ExpertParallel(mesh))``.
+
+    Args:
+        mesh: a mesh with axes ("data", "fsdp", "expert"), from make_mesh.
+        config: the exchange settings (buffer_factor, exchange); its sizes are the mesh's.
+
+    Raises:
+        ValueError: the mesh's axes are not ("data", "fsdp", "expert").
+    """
 
     mesh: Mesh
     config: MeshConfig = MeshConfig()
@@ -224,7 +251,16 @@ def _param_name(path: tuple) -> str | None:
 def param_spec(path: tuple, value, mesh: Mesh | None = None) -> P:
     """Spec of one parameter (or optimizer-state leaf) from its path: its name's logical axes
     (PARAM_AXES) through RULES. With `mesh`, a dimension its mesh axis does not divide is not
-    split; scalars and unlisted names are replicated."""
+    split; scalars and unlisted names are replicated.
+
+    Args:
+        path: the leaf's pytree path (jax.tree_util key path); its last name is looked up.
+        value: the leaf (an array or anything with ``.shape``).
+        mesh: the mesh the spec is for; None splits without checking divisibility.
+
+    Returns:
+        A PartitionSpec, e.g. P("expert", "fsdp") for expert weights w_in [N, D, F].
+    """
     shape = tuple(getattr(value, "shape", ()))
     axes = PARAM_AXES.get(_param_name(path))
     if not shape or axes is None or len(axes) != len(shape):
@@ -241,25 +277,44 @@ def param_spec(path: tuple, value, mesh: Mesh | None = None) -> P:
 
 
 def state_shardings(state, mesh: Mesh):
-    """NamedSharding for every leaf of an nnx State (or any pytree of arrays)."""
+    """NamedSharding for every leaf of an nnx State (or any pytree of arrays).
+
+    Args:
+        state: parameters or optimizer state (arrays or ShapeDtypeStructs).
+        mesh: the ("data", "fsdp", "expert") mesh.
+    """
     return jax.tree_util.tree_map_with_path(
         lambda p, v: NamedSharding(mesh, param_spec(p, v, mesh)), state
     )
 
 
 def shard_state(state, mesh: Mesh):
-    """Place an nnx State (or pytree) on the mesh by the partition rules (one process)."""
+    """Place an nnx State (or pytree) on the mesh by the partition rules (one process).
+
+    Args:
+        state: parameters or optimizer state, every leaf held by this process.
+        mesh: the ("data", "fsdp", "expert") mesh.
+    """
     return jax.device_put(state, state_shardings(state, mesh))
 
 
 def shard_batch(x, mesh: Mesh):
-    """Place a global batch (every process holds all of it) split over the batch axes."""
+    """Place a global batch (every process holds all of it) split over the batch axes.
+
+    Args:
+        x: an array [B, ...]; B divisible by data × fsdp × expert.
+        mesh: the ("data", "fsdp", "expert") mesh.
+    """
     return jax.device_put(x, NamedSharding(mesh, spec("tokens")))
 
 
 def bytes_per_device(tree) -> dict:
     """{device: bytes} of every array in `tree` (arrays or ShapeDtypeStructs with shardings),
-    counted from each leaf's sharding: the shard shape times the item size."""
+    counted from each leaf's sharding: the shard shape times the item size.
+
+    Args:
+        tree: a pytree; leaves without a ``sharding`` are not counted.
+    """
     out: dict = {}
     for x in jax.tree.leaves(tree):
         sharding = getattr(x, "sharding", None)

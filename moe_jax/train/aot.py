@@ -13,13 +13,18 @@ program is compiled for compile-only devices, so nothing runs and nothing is mat
 The config's mesh section is laid over the target's devices (without one: data parallel over
 all of them, expert=1); params, optimizer state and a batch of the config's shapes are
 ShapeDtypeStructs with their shardings. Printed: per-device argument / temporary / output
-memory against the device's memory, "fits" or "does not fit" (exit status 1), compile time,
-the expert backend "auto" chose and whether its native kernel is in the compiled program.
+memory against the device's memory, "fits" or "does not fit", compile time, the expert backend
+"auto" chose and whether its native kernel is in the compiled program. When XLA itself stops the
+compile for want of memory (RESOURCE_EXHAUSTED, TPU), the report is still "does not fit", with
+the per-device argument bytes (from the shapes) and XLA's required and available figures; any
+other compiler error raises CompileError. Exit statuses of the command: moe_jax.aot.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
 
 import jax
@@ -34,6 +39,45 @@ from moe_jax.train.step import StepSpec, abstract_state, make_optimizer, train_s
 
 # Custom-call targets of the native Pallas kernels in compiled HLO.
 KERNEL_MARKERS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+# XLA's out-of-memory messages; its sizes are binary ("15.75G" is 15.75 GiB). jax 0.10-0.12:
+# "... the total memory required for HLO temporaries (27.77G) exceeds available HBM (15.75G)";
+# older: "Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm."
+_SIZE = r"(?P<{0}>[0-9.]+)(?P<{0}_unit>[KMGT]?)(?:i?B)?"
+_OOM_PATTERNS = (
+    re.compile(
+        rf"required for (?P<what>[^()]+?) \({_SIZE.format('req')}\) "
+        rf"exceeds available (?P<memory>\w+) \({_SIZE.format('avail')}\)"
+    ),
+    re.compile(rf"Used {_SIZE.format('req')} of {_SIZE.format('avail')} (?P<memory>\w+)"),
+)
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class CompileError(RuntimeError):
+    """The compiler failed for a reason other than memory (the message names the target)."""
+
+
+def parse_oom(message: str) -> dict | None:
+    """XLA's out-of-memory error as {"what", "required", "available", "memory", "message"}
+    (sizes in bytes, None where the message has no figures), or None for any other error."""
+    if "RESOURCE_EXHAUSTED" not in message or "Ran out of memory" not in message:
+        return None  # e.g. a Triton kernel over the shared memory per block: not a fit question
+    line = next(ln for ln in message.splitlines() if "Ran out of memory" in ln).strip()
+    out = {"what": None, "required": None, "available": None, "memory": None, "message": line}
+    m = next(filter(None, (p.search(message) for p in _OOM_PATTERNS)), None)
+    if m is not None:
+        g = m.groupdict()
+        size = lambda k: round(float(g[k]) * _UNIT[g[k + "_unit"]])  # noqa: E731
+        out.update(what=(g.get("what") or "the program").strip(), memory=g["memory"].upper())
+        out.update(required=size("req"), available=size("avail"))
+    return out
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
 
 
 def _targets():
@@ -81,23 +125,41 @@ def compile_train_step(cfg: TrainConfig, target: str) -> dict:
     # dot (INTERNAL: Couldn't find output tile sizes); the fit check compiles XLA's dots as
     # cuBLAS calls instead. The Pallas kernels are custom calls and unaffected.
     options = {"xla_gpu_enable_triton_gemm": False} if platform == "gpu" else None
+    head = {
+        "target": target,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "expert_backend": backend,
+    }
+    capacity = targets.device_memory_bytes(target)
     t0 = time.perf_counter()
     lowered = train_step.lower(state, batch, np.int32(-1), **kw)
-    compiled = lowered.compile(compiler_options=options)
+    try:
+        compiled = lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+        oom = parse_oom(str(e))
+        if oom is None:
+            raise CompileError(f"compiling the train step for {target!r} failed: {e}") from None
+        arg = _bytes_per_device((state, batch))
+        return {
+            **head,
+            "native_kernel": None,
+            "ragged_all_to_all": None,
+            "compile_seconds": time.perf_counter() - t0,
+            "bytes": {"arguments": arg, "device_memory": capacity},
+            "xla_out_of_memory": oom,
+            "fits": False,
+        }
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias = getattr(mem, "alias_size_in_bytes", 0)  # donated state: outputs reuse argument bytes
     code = getattr(mem, "generated_code_size_in_bytes", 0)
     total = arg + out - alias + tmp + code
-    capacity = targets.device_memory_bytes(target)
     hlo = compiled.as_text()
     return {
-        "target": target,
-        "devices": len(devices),
-        "device_kind": devices[0].device_kind,
-        "mesh": dict(mesh.shape),
-        "expert_backend": backend,
+        **head,
         "native_kernel": KERNEL_MARKERS[platform] in hlo,
         "ragged_all_to_all": "ragged-all-to-all" in hlo or "ragged_all_to_all" in hlo,
         "compile_seconds": seconds,
@@ -123,12 +185,31 @@ def format_report(r: dict) -> str:
     b = r["bytes"]
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     kernel = ""
-    if r["expert_backend"] == "pallas":
+    if r["expert_backend"] == "pallas" and r["native_kernel"] is not None:
         kernel = " (native kernel in the program)" if r["native_kernel"] else " (NO native kernel)"
+    lines = [
+        f"target {r['target']}: {r['devices']} x {r['device_kind']}, mesh {mesh}",
+        f"expert backend: {r['expert_backend'] or 'none (dense model)'}{kernel}",
+    ]
+    if oom := r.get("xla_out_of_memory"):
+        if oom["required"] is None:  # a message without figures: quote it
+            need = f"XLA: {oom['message']}"
+        else:
+            need = (
+                f"XLA needs {gib(oom['required'])} for {oom['what']}, "
+                f"{gib(oom['available'])} of {oom['memory']} available"
+            )
+        return "\n".join(
+            lines
+            + [
+                f"compile time {r['compile_seconds']:.1f} s, stopped by XLA: out of memory",
+                f"per device: arguments {gib(b['arguments'])} (parameters, optimizer state, batch)",
+                f"does not fit: {need} per device",
+            ]
+        )
     return "\n".join(
-        [
-            f"target {r['target']}: {r['devices']} x {r['device_kind']}, mesh {mesh}",
-            f"expert backend: {r['expert_backend'] or 'none (dense model)'}{kernel}",
+        lines
+        + [
             f"compile time {r['compile_seconds']:.1f} s",
             f"per device: arguments {gib(b['arguments'])}, outputs {gib(b['outputs'])} "
             f"({gib(b['aliased'])} aliased with arguments), temporaries {gib(b['temporaries'])}, "

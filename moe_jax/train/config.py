@@ -47,17 +47,17 @@ _is_int = is_int
 class OptConfig:
     """Optimizer and schedule (see configs/default.py for the meaning of each field)."""
 
-    lr: float = 3e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.05
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    grad_accum: int = 1
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine (warmup-cosine) | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 50  # linear warmup from 0
+    decay_fraction: float = 0.2  # wsd: share of num_steps spent in the final linear decay
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms / biases)
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
+    grad_accum: int = 1  # micro-batches per step; divides data.batch_size
 
     def __post_init__(self):
         check_finite_floats("config", self, "opt.")
@@ -79,10 +79,12 @@ class OptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CkptConfig:
-    every_steps: int = 100
-    keep: int = 3
-    async_save: bool = True
-    resume: bool = True
+    """Checkpoints (orbax) in <workdir>/checkpoints."""
+
+    every_steps: int = 100  # save every n steps and at the end (0 = end only)
+    keep: int = 3  # keep the last n checkpoints
+    async_save: bool = True  # write checkpoints in a background thread
+    resume: bool = True  # resume from the latest complete checkpoint; False moves it aside
 
     def __post_init__(self):
         if not (_is_int(self.every_steps) and self.every_steps >= 0):
@@ -93,13 +95,15 @@ class CkptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    every_steps: int = 10
-    eval_every: int = 250
-    eval_batches: int = 4
-    tensorboard: bool = True
-    progress: bool = True
-    plots: bool = True
-    heatmap_images: int = 4
+    """Metrics, eval, plots and the progress bar."""
+
+    every_steps: int = 10  # metrics to metrics.jsonl / TensorBoard every n steps
+    eval_every: int = 250  # held-out eval every n steps (0 = end only)
+    eval_batches: int = 4  # batches per eval (0 = the whole held-out split)
+    tensorboard: bool = True  # also write TensorBoard scalars to <workdir>/tb
+    progress: bool = True  # tqdm progress bar with loss and tokens/s
+    plots: bool = True  # PNG plots in the workdir at the end
+    heatmap_images: int = 4  # held-out images in the routing heatmap
 
     def __post_init__(self):
         for f, lo in (
@@ -117,15 +121,15 @@ class LogConfig:
 class TrainConfig:
     """Everything a run needs, validated; built by ``from_config_dict``."""
 
-    name: str
-    seed: int
-    num_steps: int
-    fail_at_step: int
-    model: ModelConfig
-    data: DataConfig
-    opt: OptConfig
-    ckpt: CkptConfig
-    log: LogConfig
+    name: str  # run name; train.py's default workdir is ./workdir/<name>
+    seed: int  # parameter init and data shuffle seed
+    num_steps: int  # optimizer steps in the run
+    fail_at_step: int  # debug: poison the loss with NaN at this step (-1 = never; tests)
+    model: ModelConfig  # config.model, with vocab, image and max_len from data / tokenizer
+    data: DataConfig  # config.data
+    opt: OptConfig  # config.opt
+    ckpt: CkptConfig  # config.ckpt
+    log: LogConfig  # config.log
     mesh: MeshConfig | None = None  # (data, fsdp, expert) mesh; None = plain jit on one device
     init: InitConfig | None = None  # parameters from a checkpoint (init.hf); None = random
     dist: DistConfig = DistConfig()  # how the processes of a multi-host run find each other
@@ -247,8 +251,16 @@ def from_config_dict(cfg, *, num_devices: int | None = None) -> TrainConfig:
 
     Cheap field checks come first; then the mesh against the devices and, for the file kinds,
     the data files (records, caption lengths, split sizes), so every config error is raised
-    before a model, checkpointer or data iterator exists. num_devices: the devices the mesh
-    is laid over (default jax.device_count(); the AOT tool passes its target's).
+    before a model, checkpointer or data iterator exists.
+
+    Args:
+        cfg: a ConfigDict from a config file's get_config (or a nested mapping).
+        num_devices: the devices the mesh is laid over (default jax.device_count(); the AOT
+            tool passes its target's).
+
+    Raises:
+        ValueError: an unknown key, an invalid or NaN value, a mesh that does not fit the
+            devices, or bad data files: ``config.<section>.<field>=<value> is invalid: ...``.
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     _check_finite(cfg)

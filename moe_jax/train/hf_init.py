@@ -45,10 +45,10 @@ ARCH_FIELDS = (
 class InitConfig:
     """Where the parameters come from (see configs/default.py for each field)."""
 
-    hf: str = ""
-    granularity: int = 1
-    reinit_fraction: float = 0.3
-    output_scale: float = 1.0
+    hf: str = ""  # Hugging Face checkpoint folder to upcycle (lm mode); "" = random init
+    granularity: int = 1  # g: each dense FFN becomes experts of hidden F/g (sets moe.d_ff)
+    reinit_fraction: float = 0.3  # share of each expert's hidden units re-initialized
+    output_scale: float = 1.0  # multiplies the experts' w_out (g: uniform gates = dense FFN)
 
     def __post_init__(self):
         check_finite_floats("config", self, "init.")

@@ -146,6 +146,14 @@ def init_state(cfg: TrainConfig, ep=None):
     graphdef), and params and optimizer state are created already sharded on its mesh by the
     partition rules (jit with out_shardings): no device or host ever holds a full copy.
     With cfg.init (a Hugging Face checkpoint) the parameters are read from it instead.
+
+    Args:
+        cfg: the validated TrainConfig.
+        ep: a parallel.ExpertParallel, or None for one device.
+
+    Returns:
+        (graphdef, state) with state {"params", "rest", "opt", "step", "rng"}: the pytree
+        train_step takes and returns.
     """
     if cfg.init is not None:
         return _init_from_checkpoint(cfg, ep)
@@ -198,6 +206,21 @@ def train_step(state, batch, fail_at, stop=None, *, graphdef, tx, schedule, spec
     that step's update is then dropped (the returned state holds the previous values).
     stop: None, or a [devices] int32 array of each process's stop request (multi-process runs);
     m["stop"] is then its max, so every process reads the same decision with the metrics.
+
+    Args:
+        state: the train state from init_state (donated: do not reuse it after the call).
+        batch: one global batch from moe_jax.data: tokens, targets, loss_mask [B, L] and, for
+            vision-language models, image [B, H, W, C] and patch_fg.
+        fail_at: int32 scalar, see above.
+        stop: see above.
+        graphdef: the model's graphdef (from init_state).
+        tx: the optax transform from make_optimizer.
+        schedule: the learning-rate schedule from make_optimizer.
+        spec: static settings (grad_accum).
+
+    Returns:
+        (new_state, metrics): metrics hold device scalars (loss, aux_loss, grad_norm, lr,
+        finite, per-layer MoE statistics); read them after dispatching the next step.
     """
     step = state["step"] + 1  # the step being taken, 1-based
 
@@ -270,7 +293,17 @@ def evaluate(cfg: TrainConfig, graphdef, state, *, put=None) -> dict[str, float]
     """Mean held-out loss over log.eval_batches batches (0 = the whole split) and routing stats.
 
     put: host batch -> device batch; with several processes each reads its own rows of every
-    eval batch and `put` assembles the global arrays (multihost.to_global)."""
+    eval batch and `put` assembles the global arrays (multihost.to_global).
+
+    Args:
+        cfg: the validated TrainConfig.
+        graphdef: the model's graphdef.
+        state: the train state.
+        put: see above; None passes the host batch as it is.
+
+    Returns:
+        {"eval/loss": mean held-out loss, "eval/<statistic>": routing statistics}.
+    """
     count_p, index_p = jax.process_count(), jax.process_index()
     it = data_lib.make_dataset(cfg.data, "eval", process_index=index_p, process_count=count_p)
     loss_sum, count, moe_rows = 0.0, 0.0, []
