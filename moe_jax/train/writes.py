@@ -87,9 +87,16 @@ def hint() -> str:
 
 
 class _DropOrbaxTracebacks(logging.Filter):
+    """Drops error records with a traceback that orbax logs itself, or that asyncio logs for
+    one of orbax's tasks ("Task exception was never retrieved" after a failed write)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        from_orbax = "orbax" in (record.pathname or "")
-        return not (from_orbax and record.exc_info and record.levelno >= logging.ERROR)
+        if not (record.exc_info and record.levelno >= logging.ERROR):
+            return True
+        if "orbax" in (record.pathname or ""):
+            return False
+        tb = record.exc_info[2] if len(record.exc_info) > 2 else None
+        return not any("orbax" in f.filename for f in traceback.extract_tb(tb))
 
 
 _FILTER = _DropOrbaxTracebacks()
@@ -98,7 +105,7 @@ _FILTER = _DropOrbaxTracebacks()
 def quiet_orbax_tracebacks() -> None:
     """Installs the filter on absl's logger (orbax logs through absl) and the excepthook
     below; idempotent."""
-    for name in ("absl", "orbax"):
+    for name in ("absl", "orbax", "asyncio"):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
