@@ -42,6 +42,7 @@ from kernels_pallas.blocks import (
     triton_smem_bytes,
 )
 from kernels_pallas.gpu_target import triton_target
+from kernels_pallas.lowering import register_target_lowering, target_devices
 
 _NATIVE = {"tpu": "tpu", "cuda": "triton", "rocm": "triton", "gpu": "triton"}
 
@@ -95,16 +96,10 @@ def triton_supported(device) -> bool:
 
 
 def _target_devices(ctx) -> list:
-    """The devices the program is lowered for, when the lowering context knows them."""
-    axis_context = ctx.module_context.axis_context
-    devices = getattr(axis_context, "device_assignment", None)
-    if devices is None:  # inside shard_map: the mesh
-        try:
-            devices = np.asarray(axis_context.mesh.devices).ravel().tolist()
-        except Exception:  # no mesh, or an AbstractMesh without devices
-            devices = None
+    """The devices the program is lowered for, else this host's GPUs (if any)."""
+    devices = target_devices(ctx)
     if devices:
-        return list(devices)
+        return devices
     try:
         return list(jax.local_devices(backend="gpu"))
     except RuntimeError:
@@ -237,20 +232,9 @@ grouped_matmul_p.def_abstract_eval(_abstract_eval)
 grouped_matmul_p.def_impl(
     lambda *args, **params: jax.jit(functools.partial(grouped_matmul_p.bind, **params))(*args)
 )
-mlir.register_lowering(grouped_matmul_p, functools.partial(_lowering, platform=None))
-for _platform in ("tpu", "cuda", "rocm"):
-    mlir.register_lowering(
-        grouped_matmul_p, functools.partial(_lowering, platform=_platform), platform=_platform
-    )
-# Ask jit to put its device assignment into the lowering context (as jax's own cuDNN
-# primitives do), so the CUDA rule sees the target GPU. Private API: without it the rule falls
-# back to the local GPUs, then to compute capability 8.0 tiles.
-try:
-    from jax._src import dispatch as _jax_dispatch
-
-    _jax_dispatch.prim_requires_devices_during_lowering.add(grouped_matmul_p)
-except (ImportError, AttributeError):  # pragma: no cover - a future jax
-    pass
+# The CUDA rule reads the target GPU (target_devices); without the private hook it falls back
+# to the local GPUs, then to compute capability 8.0 tiles.
+register_target_lowering(grouped_matmul_p, _lowering, ("tpu", "cuda", "rocm"))
 
 
 def gmm(

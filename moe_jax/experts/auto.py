@@ -27,25 +27,13 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
+from kernels_pallas.lowering import register_target_lowering, target_devices
 from moe_jax.experts import registry
-
-
-def _target_devices(ctx) -> list:
-    """The devices the program is lowered for (jit's device assignment or the shard_map mesh),
-    when the lowering context knows them."""
-    axis_context = ctx.module_context.axis_context
-    devices = getattr(axis_context, "device_assignment", None)
-    if devices is None:  # inside shard_map: the mesh
-        try:
-            devices = np.asarray(axis_context.mesh.devices).ravel().tolist()
-        except Exception:  # no mesh, or an AbstractMesh without devices
-            devices = None
-    return list(devices or [])
 
 
 def _index_lowering(ctx, *, platform, choices: tuple[str, ...]):
     platform = platform or (ctx.platforms or ctx.module_context.platforms)[0]
-    devices = [d for d in _target_devices(ctx) if registry.lowering_platform(d) == platform]
+    devices = [d for d in target_devices(ctx) if registry.lowering_platform(d) == platform]
     name = registry.auto_backend(devices[0] if devices else None, platform)
     return [mlir.ir_constant(np.int32(choices.index(name)))]
 
@@ -58,20 +46,7 @@ def _eager_index(choices: tuple[str, ...]):
 target_index_p = Primitive("moe_jax_auto_backend")
 target_index_p.def_abstract_eval(lambda **_: jax.core.ShapedArray((), np.int32))
 target_index_p.def_impl(lambda *, choices: _eager_index(choices)())
-mlir.register_lowering(target_index_p, functools.partial(_index_lowering, platform=None))
-for _platform in ("cpu", "tpu", "cuda", "rocm"):
-    mlir.register_lowering(
-        target_index_p, functools.partial(_index_lowering, platform=_platform), platform=_platform
-    )
-# Ask jit to put its device assignment into the lowering context (as kernels_pallas.dispatch
-# does), so the rule sees the target devices. Private API: without it the rule falls back to
-# the platform's own table entry (e.g. "cuda" without the compute capability).
-try:
-    from jax._src import dispatch as _jax_dispatch
-
-    _jax_dispatch.prim_requires_devices_during_lowering.add(target_index_p)
-except (ImportError, AttributeError):  # pragma: no cover - a future jax
-    pass
+register_target_lowering(target_index_p, _index_lowering, ("cpu", "tpu", "cuda", "rocm"))
 
 
 def by_target(branch: Callable[[str], Callable], *args):

@@ -54,6 +54,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
+from kernels_pallas.lowering import register_target_lowering, target_devices
 from moe_jax.experts.registry import compute_capability, lowering_platform
 
 INSTALL = 'pip install "moe_jax[tokamax]"'
@@ -99,19 +100,6 @@ def implementation(device=None, platform: str | None = None) -> str:
     return "xla"
 
 
-def _target_devices(ctx) -> list:
-    """The devices the program is lowered for (jit's device assignment or the shard_map mesh),
-    when the lowering context knows them (as auto.py reads them)."""
-    axis_context = ctx.module_context.axis_context
-    devices = getattr(axis_context, "device_assignment", None)
-    if devices is None:  # inside shard_map: the mesh
-        try:
-            devices = np.asarray(axis_context.mesh.devices).ravel().tolist()
-        except Exception:  # no mesh, or an AbstractMesh without devices
-            devices = None
-    return list(devices or [])
-
-
 def _product(a, b, group_sizes, *, kind, out_dtype, impl):
     """One tokamax call: the kernel `impl`, then its "xla" implementation if it refuses."""
     return tokamax.ragged_dot_general(
@@ -139,7 +127,7 @@ def _abstract_eval(a, b, group_sizes, *, kind, out_dtype, num_groups):
 def _lowering(ctx, a, b, group_sizes, *, platform, kind, out_dtype, num_groups):
     del num_groups
     platform = platform or (ctx.platforms or ctx.module_context.platforms)[0]
-    devices = [d for d in _target_devices(ctx) if lowering_platform(d) == platform]
+    devices = [d for d in target_devices(ctx) if lowering_platform(d) == platform]
     device = devices[0] if devices else None
     fn = functools.partial(
         _product, kind=kind, out_dtype=out_dtype, impl=implementation(device, platform)
@@ -155,19 +143,7 @@ ragged_dot_p.def_abstract_eval(_abstract_eval)
 ragged_dot_p.def_impl(
     lambda *args, **params: jax.jit(functools.partial(ragged_dot_p.bind, **params))(*args)
 )
-mlir.register_lowering(ragged_dot_p, functools.partial(_lowering, platform=None))
-for _platform in ("cpu", "tpu", "cuda", "rocm"):
-    mlir.register_lowering(
-        ragged_dot_p, functools.partial(_lowering, platform=_platform), platform=_platform
-    )
-# Ask jit to put its device assignment into the lowering context (private API, as auto.py and
-# kernels_pallas do); without it the rule falls back to "xla" for a GPU target.
-try:
-    from jax._src import dispatch as _jax_dispatch
-
-    _jax_dispatch.prim_requires_devices_during_lowering.add(ragged_dot_p)
-except (ImportError, AttributeError):  # pragma: no cover - a future jax
-    pass
+register_target_lowering(ragged_dot_p, _lowering, ("cpu", "tpu", "cuda", "rocm"))
 
 
 def _bind(kind, a, b, group_sizes, out_dtype, num_groups):
