@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.vision_layers = 1  # bidirectional blocks in the vit encoder
     m.tie_embeddings = True  # share the input embedding with the output projection
     m.remat = False  # rematerialize blocks in the backward pass (saves memory)
+    m.scan_layers = True  # blocks as one scanned stack: compile time independent of depth
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"  # parameter dtype
     m.rope_theta = 10_000.0  # rotary embedding base

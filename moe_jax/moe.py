@@ -368,7 +368,11 @@ def routing_ids(model: nnx.Module) -> list[tuple[jax.Array, int]]:
     them. Ids >= N are null or dropped slots. Inside jit the ids are tracers: return them."""
     out = []
     for _, module in nnx.iter_graph(model):
-        if isinstance(module, MoE) and hasattr(module, "expert_ids"):
+        if not isinstance(getattr(module, "expert_ids", None), nnx.Intermediate):
+            continue
+        if isinstance(module, MoE):
             out.extend((ids, module.config.num_experts) for ids in module.expert_ids.get_value())
-            del module.expert_ids
+        else:  # a scanned block stack records (ids, N) per MoE call, layers in forward order
+            out.extend(module.expert_ids.get_value())
+        del module.expert_ids
     return out

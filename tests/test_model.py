@@ -259,4 +259,4 @@ def test_bad_text_inputs_are_refused_on_the_host():
     with pytest.raises(ValueError, match="pos=8 is past the cache length 8"):
         model.decode_step(tokens[:, :1], cache, np.int64(8))
     with pytest.raises(ValueError, match="holds no token"):
-        model.blocks[0].ffn(jnp.zeros((B, 0, 32)))
+        model.stack.scanned.blocks[0].ffn(jnp.zeros((B, 0, 32)))  # checked before compute

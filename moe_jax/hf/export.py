@@ -19,7 +19,8 @@ null-expert model that no Hugging Face architecture can express. The folder hold
     model.safetensors     every array variable of the model (parameters, and state such as
                           the router's selection bias) under its nnx path joined by "." (e.g.
                           "blocks.0.ffn.router.kernel": [D, N+1], column N the null logit),
-                          in the moe_jax layout and stored dtype, nothing transposed
+                          in the moe_jax unrolled layout ("blocks.{i}...", whatever the
+                          model's scan_layers) and stored dtype, nothing transposed
 load_native rebuilds the model exactly (every array bit-identical), streaming like load_model.
 """
 
@@ -37,6 +38,7 @@ from moe_jax.core.config import MoEConfig
 from moe_jax.hf.load import Sharding, abstract_model, weight_map
 from moe_jax.hf.safetensors import SINGLE, CheckpointReader, save_file
 from moe_jax.model import ModelConfig, Transformer
+from moe_jax.model.stack import to_layout, unstack_params
 
 NATIVE_CONFIG = "moe_jax_config.json"
 FORMAT_VERSION = 1
@@ -137,7 +139,7 @@ def export_mixtral(model: Transformer, directory: str, dtype: str | None = None)
     check_mixtral(cfg)
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = unstack_params(cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     dense = cfg.replace(moe=None, moe_every=0)
     for name, path, transpose in weight_map(dense):
@@ -186,7 +188,9 @@ def save_native(model: Transformer, directory: str) -> str:
     state = nnx.state(model, nnx.Not(nnx.Intermediate))
     tensors = {
         _path_name(path): np.asarray(jax.device_get(leaf))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            unstack_params(model.cfg, nnx.to_pure_dict(state))
+        )
     }
     cfg = dataclasses.asdict(model.cfg)
     os.makedirs(directory, exist_ok=True)
@@ -213,12 +217,17 @@ def native_config(directory: str) -> ModelConfig:
     return ModelConfig(**fields, moe=moe)
 
 
-def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transformer, ModelConfig]:
+def load_native(
+    directory: str, *, sharding: Sharding = None, scan_layers: bool | None = None
+) -> tuple[Transformer, ModelConfig]:
     """(model, model_config) from a save_native folder; every array as it was saved.
 
     Args:
         directory: a folder written by save_native.
-        sharding: as load_model's: None, one Sharding, or a callable (path, shape) -> Sharding.
+        sharding: as load_model's: None, one Sharding, or a callable (path, shape) -> Sharding
+            (called with the unrolled names of the file).
+        scan_layers: the layout to build (ModelConfig.scan_layers); None = as saved. The file
+            does not depend on it.
 
     Raises:
         FileNotFoundError: no moe_jax_config.json in the folder.
@@ -226,7 +235,9 @@ def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transform
             model (names, shapes, dtypes).
     """
     cfg = native_config(directory)
-    graphdef, state = abstract_model(cfg)
+    if scan_layers is not None:
+        cfg = cfg.replace(scan_layers=scan_layers)
+    _, state = abstract_model(cfg.replace(scan_layers=False))
     pure = nnx.to_pure_dict(state)
     reader = CheckpointReader(directory)
     leaves = jax.tree_util.tree_leaves_with_path(pure)
@@ -246,8 +257,9 @@ def load_native(directory: str, *, sharding: Sharding = None) -> tuple[Transform
         return jax.make_array_from_callback(src.shape, target, lambda idx: np.array(src[idx]))
 
     try:
-        pure = jax.tree_util.tree_map_with_path(fill, pure)
+        pure = to_layout(cfg, jax.tree_util.tree_map_with_path(fill, pure))
     finally:
         reader.close()
+    graphdef, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), cfg

@@ -11,7 +11,9 @@ Name mapping (HF weight [out, in] -> nnx kernel [in, out], i.e. transposed):
     model.layers.{i}.mlp.{gate,up,down}_proj   -> blocks/{i}/ffn/{w_gate,w_in,w_out}/kernel
     model.norm.weight                          -> final_norm/scale
     lm_head.weight                             -> head/kernel (untied only)
-Both use the half-split ("rotate_half") RoPE layout and the same head order, so q / k need no
+With ModelConfig.scan_layers (the default) the tensors are read into these unrolled paths, then
+stacked into the scanned layout (moe_jax.model.stack.stack_params); a callable sharding sees
+the unrolled names. Both use the half-split ("rotate_half") RoPE layout and the same head order, so q / k need no
 permutation. The model is first built abstractly (nnx.eval_shape, nothing allocated); then each
 tensor is read from its file, converted to param_dtype (and transposed), placed on its device
 or sharding and dropped, so host memory peaks at about three copies of one tensor (as read,
@@ -29,6 +31,7 @@ from flax import nnx
 from moe_jax.hf.config import model_config, read_config
 from moe_jax.hf.safetensors import CheckpointReader
 from moe_jax.model import ModelConfig, Transformer
+from moe_jax.model.stack import to_layout
 
 # Checkpoint tensors that hold no parameter (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -136,6 +139,17 @@ def abstract_model(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
+def read_model(
+    reader: CheckpointReader, cfg: ModelConfig, sharding: Sharding = None
+) -> Transformer:
+    """cfg's Transformer with the checkpoint's weights, in the layout cfg.scan_layers asks."""
+    _, state = abstract_model(cfg.replace(scan_layers=False))
+    pure = to_layout(cfg, load_params(reader, cfg, nnx.to_pure_dict(state), sharding))
+    graphdef, state = abstract_model(cfg)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
 def load_model(
     path: str,
     dtype: str = "float32",
@@ -166,9 +180,6 @@ def load_model(
     cfg = model_config(read_config(path), dtype=dtype, param_dtype=param_dtype, where=path)
     reader = CheckpointReader(path)
     try:
-        graphdef, state = abstract_model(cfg)
-        pure = load_params(reader, cfg, nnx.to_pure_dict(state), sharding)
+        return read_model(reader, cfg, sharding), cfg
     finally:
         reader.close()
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), cfg

@@ -24,7 +24,7 @@ from flax import nnx
 
 from moe_jax.core.config import MoEConfig
 from moe_jax.hf.config import model_config, read_config
-from moe_jax.hf.load import abstract_model, load_params
+from moe_jax.hf.load import read_model
 from moe_jax.hf.safetensors import CheckpointReader
 from moe_jax.model import ModelConfig, Transformer
 from moe_jax.model.upcycle import upcycle
@@ -40,11 +40,9 @@ def load_dense(path: str, cfg: ModelConfig) -> Transformer:
     checkpoint_model_config; dtypes and max_len may differ from the checkpoint's)."""
     reader = CheckpointReader(path)
     try:
-        graphdef, state = abstract_model(cfg)
-        nnx.replace_by_pure_dict(state, load_params(reader, cfg, nnx.to_pure_dict(state)))
+        return read_model(reader, cfg)
     finally:
         reader.close()
-    return nnx.merge(graphdef, state)
 
 
 def upcycle_checkpoint(

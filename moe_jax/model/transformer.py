@@ -31,8 +31,9 @@ from flax import nnx
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.validate import checker, is_pos_int
 from moe_jax.model.inputs import check_text, static_int
-from moe_jax.model.layers import Attention, Rope, VisionEncoder, small_init
-from moe_jax.moe import FFN, MoE, record_routing, routing_ids
+from moe_jax.model.layers import Rope, VisionEncoder, small_init
+from moe_jax.model.stack import Block, BlockStack, cache_length, init_stack_cache, run_block
+from moe_jax.moe import record_routing, routing_ids
 
 MODES = ("vlm", "lm")
 ENCODERS = ("mlp", "vit")
@@ -63,6 +64,7 @@ class ModelConfig:
     max_len: int = 64  # longest text sequence L
     tie_embeddings: bool = True  # logits = x @ embedding^T
     remat: bool = False  # rematerialize each block in the backward pass
+    scan_layers: bool = True  # blocks as one scanned stack (depth-free compile); False = unrolled
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # parameter dtype
     rope_theta: float = 10_000.0  # RoPE base
@@ -120,6 +122,7 @@ class ModelConfig:
             (self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}"),
             (self.vision_encoder in ENCODERS, "vision_encoder", str(ENCODERS)),
             (self.rope_theta > 0, "rope_theta", "must be > 0"),
+            (isinstance(self.scan_layers, bool), "scan_layers", "True or False"),
         ):
             _check(ok, name, getattr(self, name), allowed)
         _check(
@@ -179,50 +182,6 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-class Block(nnx.Module):
-    """Pre-norm decoder block: causal attention, then a dense SwiGLU FFN or the MoE layer."""
-
-    def __init__(self, cfg: ModelConfig, use_moe: bool, *, rngs: nnx.Rngs):
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-        self.use_moe = use_moe
-        self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
-        self.attn = Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            rope_theta=cfg.rope,
-            head_dim=cfg.head_dim,
-            qkv_bias=cfg.qkv_bias,
-            out_bias=cfg.attn_out_bias,
-            sliding_window=cfg.sliding_window,
-            **kw,
-        )
-        self.ffn_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
-        if use_moe:
-            self.ffn = MoE(cfg.layer_moe_config, rngs=rngs)
-        else:
-            self.ffn = FFN(cfg.d_model, cfg.d_ff, **kw)
-
-    def __call__(self, x, modality, positions, deterministic, cache=None, cache_pos=None):
-        with jax.named_scope("attention"):
-            h, cache = self.attn(self.attn_norm(x), positions, cache=cache, cache_pos=cache_pos)
-        x = x + h
-        h = self.ffn_norm(x)
-        if self.use_moe:
-            h, aux = self.ffn(h, modality, deterministic=deterministic)
-        else:
-            h, aux = self.ffn(h), None
-        return x + h.astype(x.dtype), aux, cache
-
-
-def _block_fwd(block: Block, x, modality, positions, deterministic: bool):
-    y, aux, _ = block(x, modality, positions, deterministic)
-    return y, aux
-
-
-_block_remat = nnx.remat(_block_fwd, static_argnums=(4,))
-
-
 class Transformer(nnx.Module):
     """``logits [B, L, V], aux = model(tokens [B, L], images [B, H, W, C] | None)``; aux holds
     "aux_loss" (all MoE layers), "moe" (per-layer aux), "modality" [B, P+L] (0 vision, 1 text).
@@ -261,9 +220,11 @@ class Transformer(nnx.Module):
             else None
         )
         moe_layers = set(cfg.moe_layers)
-        self.blocks = nnx.List(
-            [Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.n_layers)]
-        )
+        blocks = [Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.n_layers)]
+        if cfg.scan_layers:  # same blocks, same keys: both layouts hold the same weights
+            self.stack = BlockStack(cfg, blocks)
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = nnx.RMSNorm(
             cfg.d_model, epsilon=cfg.norm_eps, dtype=cdt, param_dtype=pdt, rngs=rngs
         )
@@ -310,16 +271,14 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32)
 
     def _run(self, x, modality, positions, deterministic, cache=None, cache_pos=None):
+        remat = self.cfg.remat
+        if self.cfg.scan_layers:
+            return self.stack(x, modality, positions, deterministic, remat, cache, cache_pos)
         moe_aux, new_cache = [], []
         for i, blk in enumerate(self.blocks):
-            if cache is None and self.cfg.remat:
-                x, aux = _block_remat(blk, x, modality, positions, deterministic)
-            else:
-                layer_cache = None if cache is None else cache[i]
-                x, aux, layer_cache = blk(
-                    x, modality, positions, deterministic, layer_cache, cache_pos
-                )
-                new_cache.append(layer_cache)
+            lc = None if cache is None else cache[i]
+            x, aux, lc = run_block(blk, x, modality, positions, deterministic, remat, lc, cache_pos)
+            new_cache.append(lc)
             if aux is not None:
                 moe_aux.append(aux)
         return x, moe_aux, (new_cache if cache is not None else None)
@@ -340,30 +299,33 @@ class Transformer(nnx.Module):
         logits = self._logits(x[:, self.cfg.num_patches :])
         return logits, self._aux(moe_aux, modality)
 
-    def init_cache(self, batch_size: int, max_total_len: int) -> list[dict]:
-        """Empty KV cache, one {"k", "v"} [B, S_max, Hkv, Dh] per block (S_max counts patches)."""
+    def init_cache(self, batch_size: int, max_total_len: int) -> list[dict] | dict:
+        """Empty KV cache of {"k", "v"} [B, S_max, Hkv, Dh] (S_max counts patches): a list with
+        one per block (unrolled), or stacked per scanned group position (stack.init_stack_cache)."""
         cfg = self.cfg
         shape = (batch_size, max_total_len, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            return init_stack_cache(cfg, shape, jnp.dtype(cfg.dtype))
         zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
         return [{"k": zeros(), "v": zeros()} for _ in range(cfg.n_layers)]
 
-    def prefill(self, tokens: jax.Array, images: jax.Array | None, cache: list[dict]):
+    def prefill(self, tokens: jax.Array, images: jax.Array | None, cache):
         """Run the prompt (patches + tokens) at positions 0.. and fill the cache.
         Returns (text logits [B, L, V], cache)."""
         self._check_len(tokens)
         x, modality = self._inputs(tokens, images)
-        if x.shape[1] > cache[0]["k"].shape[1]:
+        if x.shape[1] > cache_length(cache):
             raise ValueError(f"prompt of {x.shape[1]} positions exceeds the cache length")
         positions = jnp.arange(x.shape[1])
         x, _, cache = self._run(x, modality, positions, True, cache, 0)
         return self._logits(x[:, self.cfg.num_patches :]), cache
 
-    def decode_step(self, tokens: jax.Array, cache: list[dict], pos):
+    def decode_step(self, tokens: jax.Array, cache, pos):
         """One text token per row at absolute position pos (P + text index; may be traced).
         tokens [B, 1] -> (logits [B, 1, V], new cache). A traced pos past the cache end is
         not checked (the write would clamp): size the cache for the whole generation."""
-        if (p := static_int(pos)) is not None and p + tokens.shape[1] > cache[0]["k"].shape[1]:
-            raise ValueError(f"pos={p} is past the cache length {cache[0]['k'].shape[1]}")
+        if (p := static_int(pos)) is not None and p + tokens.shape[1] > cache_length(cache):
+            raise ValueError(f"pos={p} is past the cache length {cache_length(cache)}")
         x = self.embed(tokens)  # [B, 1, D]
         modality = jnp.ones(tokens.shape, jnp.int32)
         positions = pos + jnp.arange(tokens.shape[1])

@@ -30,6 +30,7 @@ from flax import nnx
 
 from moe_jax.core.config import MoEConfig
 from moe_jax.core.validate import checker
+from moe_jax.model.stack import to_layout, unstack_params
 from moe_jax.model.transformer import ModelConfig, Transformer
 
 
@@ -119,6 +120,7 @@ def upcycle(
     else:
         _check(dense_cfg is not None, "dense_cfg", dense_cfg, "required when passing a state")
         params = nnx.to_pure_dict(dense) if isinstance(dense, nnx.State) else dense
+    params = unstack_params(dense_cfg, params)  # either layout in, blocks/{i} here
     f, g = dense_cfg.d_ff, granularity
     _check(not dense_cfg.moe_layers, "dense", "MoE model", "the source model must be dense")
     _check(isinstance(g, int) and g >= 1 and f % g == 0, "granularity", g, f"must divide d_ff={f}")
@@ -140,7 +142,7 @@ def upcycle(
     k_model, k_ffn = jax.random.split(rng)
     model = Transformer(cfg, rngs=nnx.Rngs(k_model))
     state = nnx.state(model, nnx.Param)
-    new = nnx.to_pure_dict(state)
+    new = unstack_params(cfg, nnx.to_pure_dict(state))
     _copy_matching(new, params)
     for i, key in zip(cfg.moe_layers, jax.random.split(k_ffn, max(len(cfg.moe_layers), 1))):
         src = params["blocks"][i]["ffn"]
@@ -157,6 +159,6 @@ def upcycle(
         dst = new["blocks"][i]["ffn"]
         for name, value in experts.items():
             dst[name] = value.astype(dst[name].dtype)
-    nnx.replace_by_pure_dict(state, new)
+    nnx.replace_by_pure_dict(state, to_layout(cfg, new))
     nnx.update(model, state)
     return model

@@ -248,6 +248,11 @@ def _param_name(path: tuple) -> str | None:
     return names[-1] if names else None
 
 
+def _is_stacked(path: tuple) -> bool:  # a leaf of model.stack.scanned (layers stacked)
+    keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+    return any(a == "stack" and b == "scanned" for a, b in zip(keys, keys[1:]))
+
+
 def param_spec(path: tuple, value, mesh: Mesh | None = None) -> P:
     """Spec of one parameter (or optimizer-state leaf) from its path: its name's logical axes
     (PARAM_AXES) through RULES. With `mesh`, a dimension its mesh axis does not divide is not
@@ -259,13 +264,16 @@ def param_spec(path: tuple, value, mesh: Mesh | None = None) -> P:
         mesh: the mesh the spec is for; None splits without checking divisibility.
 
     Returns:
-        A PartitionSpec, e.g. P("expert", "fsdp") for expert weights w_in [N, D, F].
+        A PartitionSpec, e.g. P("expert", "fsdp") for expert weights w_in [N, D, F], and
+        P(None, "expert", "fsdp") for the same weights of scanned blocks [G, N, D, F].
     """
     shape = tuple(getattr(value, "shape", ()))
     axes = PARAM_AXES.get(_param_name(path))
+    out = []
+    if axes is not None and _is_stacked(path) and len(shape) == len(axes) + 1:
+        shape, out = shape[1:], [None]  # scanned blocks: a leading [G] layer axis, not split
     if not shape or axes is None or len(axes) != len(shape):
         return P()
-    out = []
     for dim, logical in zip(shape, axes):
         axis = RULES[logical]
         if axis is not None and mesh is not None and dim % mesh.shape[axis]:

@@ -155,6 +155,7 @@ ADDED_FIELDS = {
     "dist.process_id": None,
     "dist.local_devices": None,
     "mesh.fsdp": 1,
+    "model.scan_layers": False,  # workdirs before scanned layers hold unrolled blocks
 }
 
 
@@ -224,6 +225,15 @@ def check_resume_config(
         )
     elif resuming:
         diff = config_diff(stored, config_json(cfg))
+        layout = [d for d in diff if d[0] == "model.scan_layers"]
+        if layout:  # the parameter tree's layout differs: no override can restore it
+            raise ConfigMismatchError(
+                f"refusing to resume in {workdir}: its checkpoints hold the "
+                f"{'scanned' if layout[0][1] else 'unrolled'} block layout "
+                f"(model.scan_layers={layout[0][1]}); resume it with "
+                f"--config.model.scan_layers={layout[0][1]}, or convert the weights with "
+                "moe_jax.hf.save_native / load_native(scan_layers=...) into a new run"
+            )
         unsafe = [d for d in diff if not is_safe(d[0])]
         lines = [f"config.{k}: {a!r} (stored) != {b!r} (now)" for k, a, b in unsafe]
         if unsafe and not allow_change:
