@@ -114,7 +114,9 @@ V2_ARMS = (
         (("null_bias_update_rate", PI_RATE),),
     ),
 )
-ARMS_BY_NAME = {a.name: a for a in ARMS + V2_ARMS}
+# Study LM adds top-2 token choice at the same E[K] = 2 experts of width F.
+LM_ARMS = (Arm("topk", "top-2 (token choice)", "iso", "topk"),)
+ARMS_BY_NAME = {a.name: a for a in ARMS + V2_ARMS + LM_ARMS}
 # Plain-L_bal twin of each controller arm.
 CONTROLLER_BASELINE = {
     "k4_rho05_ctrl": "k4_rho05",

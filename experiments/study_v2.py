@@ -116,9 +116,10 @@ def write(a, preset: arms.Preset, name: str, runs: dict) -> str:
     return path
 
 
-def _power_lines(summ: dict) -> list[str]:
+def _power_lines(summ: dict, pairs: tuple = PAIRS) -> list[str]:
+    """The power table: each (arm, baseline) pair's seed-paired held-out loss difference."""
     rows, reached = [], []
-    for arm, base in PAIRS:
+    for arm, base in pairs:
         if arm not in summ or base not in summ:
             continue
         d, se, n = paired_se(summ[arm], summ[base])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,3 +101,85 @@ def test_quick_study_v2_reports_paired_se_resumes_and_starts_calibrated(tmp_path
     summ = json.loads((tmp_path / name / "summary.json").read_text())["arms"]
     assert summ["k4_rho05_v2"]["track_init_error"][0] < 0.02
     assert summ["k4_rho05"]["track_init_error"][0] > 0.1
+
+
+def test_pystdlib_corpus_is_split_by_file_and_checked():
+    """kind "pystdlib": train and held-out windows come from disjoint files of this Python's
+    Lib/ (no held-out window occurs in the train stream); bad sizes and fields name the field."""
+    from moe_jax.data import DataConfig, make_source, pystdlib
+
+    files = pystdlib.list_files()
+    held = [f for f in files if pystdlib.is_heldout(f)]
+    assert 0.03 < len(held) / len(files) < 0.3
+    assert not any(f.startswith("test/") or "site-packages" in f for f in files)
+    cfg = DataConfig(kind="pystdlib", text_len=64, batch_size=2, n_eval=8)
+    train, ev = make_source(cfg, "train"), make_source(cfg, "eval")
+    root = pystdlib.stdlib_dir()
+    for split, names in (("train", [f for f in files if f not in held]), ("eval", held)):
+        size = sum(os.path.getsize(os.path.join(root, f)) for f in names)
+        assert len(pystdlib.split_stream(split)) == size + 2 * len(names)  # bos file eos ...
+    eval_bytes = pystdlib.split_stream("eval").astype(np.uint16).tobytes()
+    starts = []
+    for i in range(len(ev)):
+        w = ev[i]
+        assert (w["targets"][:-1] == w["tokens"][1:]).all()
+        at = eval_bytes.find(w["tokens"].astype(np.uint16).tobytes())
+        assert at >= 0 and at % 2 == 0, i  # every held-out window is held-out text
+        starts.append(at // 2)
+    assert starts == sorted(starts) and starts[-1] > len(eval_bytes) // 4  # spread over it
+    assert len(train) > 100 * len(ev)
+    for bad, field in (
+        ({"n_eval": 10**9}, "n_eval"),
+        ({"n_train": 10**9}, "n_train"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            make_source(DataConfig(kind="pystdlib", text_len=64, batch_size=2, **bad), "train")
+            make_source(DataConfig(kind="pystdlib", text_len=64, batch_size=2, **bad), "eval")
+    with pytest.raises(ValueError, match="tokenizer"):
+        DataConfig(kind="pystdlib", tokenizer="word")
+    with pytest.raises(ValueError, match="paths"):
+        DataConfig(kind="pystdlib", paths=("a.txt",))
+
+
+def test_byte_classes():
+    from experiments.lm_analysis import CLASSES, byte_classes
+    from moe_jax.data import ByteTokenizer
+
+    text = "if x_1 == 20:\n\tpass\xe9"
+    ids = ByteTokenizer().encode(text, bos=True)[None]  # [1, L]
+    got = "".join("wpdkio"[c] for c in byte_classes(ids)[0])
+    # bos, i f, ' ', x _ 1, ' ', = =, ' ', 2 0, :, \n \t, p a s s, two bytes of e-acute
+    assert got == "o" + "kk" + "w" + "iid" + "w" + "pp" + "w" + "dd" + "p" + "ww" + "kkkk" + "oo"
+    assert len(CLASSES) == 6
+
+
+def test_quick_study_lm_writes_report_and_null_knob_moves_compute(tmp_path):
+    """study_lm --quick, one calibrated null arm: the write-up has its sections; shifting the
+    null selection bias at eval moves the realized experts per token monotonically (more
+    null slots, fewer real experts) without retraining; --reuse-only trains nothing."""
+    from experiments import study_lm
+
+    name = "lm_test"
+    args = [
+        "--quick",
+        "--arms=k4_rho05_v2",
+        f"--out={tmp_path}",
+        f"--workdir={tmp_path / 'runs'}",
+        f"--name={name}",
+    ]
+    study_lm.main(args)
+    md = (tmp_path / f"{name}.md").read_text()
+    for heading in ("## Power", "## All arms", "## Where the compute goes", "## Eval-time"):
+        assert heading in md
+    summ = json.loads((tmp_path / name / "summary.json").read_text())
+    knob = [r for r in summ["knobs"] if r["knob"] == "null bias shift"]
+    shifts = [r["value"] for r in knob]
+    assert shifts == sorted(shifts) and len(knob) >= 5
+    real = [r["real_per_token"] for r in knob]
+    assert all(a >= b for a, b in zip(real, real[1:])), real
+    assert real[0] > real[-1]
+    assert (tmp_path / name / "knobs.png").stat().st_size > 1000
+    result = tmp_path / "runs" / name / "k4_rho05_v2_s0" / "result.json"
+    before = result.stat().st_mtime_ns
+    study_lm.main([*args, "--reuse-only"])
+    assert result.stat().st_mtime_ns == before

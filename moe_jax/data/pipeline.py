@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags, logging
 
 from moe_jax.core.validate import checker, is_int
-from moe_jax.data import arrayrecord, scenes
+from moe_jax.data import arrayrecord, pystdlib, scenes
 from moe_jax.data.check import check_images
 from moe_jax.data.hf_tokenizer import load_tokenizer
 from moe_jax.data.sources import (
@@ -63,7 +63,7 @@ from moe_jax.data.tokenizer import (
     pad_example,
 )
 
-KINDS = ("shapes", "shapes_text", "manifest", "text", "arrayrecord")
+KINDS = ("shapes", "shapes_text", "manifest", "text", "arrayrecord", "pystdlib")
 TOKENIZERS = ("auto", "word", "byte", "hf")
 SPLITS = ("train", "eval")
 DEFAULT_N_TRAIN = 100_000  # scene records in the train split when n_train is None
@@ -73,7 +73,7 @@ DEFAULT_N_TRAIN = 100_000  # scene records in the train split when n_train is No
 class DataConfig:
     """Validated data settings; see the module docstring for the batch they produce."""
 
-    kind: str = "shapes"  # one of KINDS
+    kind: str = "shapes"  # one of KINDS; "pystdlib": this Python's Lib/*.py (data.pystdlib)
     image_size: int = 32  # square images, pixels per side; a multiple of patch_size
     patch_size: int = 4  # pixels per patch side
     text_len: int = 24  # L: text tokens per row
@@ -139,10 +139,10 @@ class DataConfig:
             f"'hf' only for kinds 'text' and 'arrayrecord' (kind={self.kind!r})",
         )
         _check(
-            not (self.kind == "text" and self.tokenizer == "word"),
+            not (self.kind in ("text", "pystdlib") and self.tokenizer == "word"),
             "tokenizer",
             self.tokenizer,
-            "'auto' or 'byte' for kind 'text'",
+            f"'auto' or 'byte' for kind {self.kind!r}",
         )
         if self.kind in ("shapes", "shapes_text"):
             need = len(make_tokenizer(self).encode(scenes.longest_caption(self.max_shapes))) + 1
@@ -252,6 +252,8 @@ def check_splits(cfg: DataConfig) -> None:
     elif cfg.kind == "arrayrecord":
         n = arrayrecord.check_files(cfg.paths, cfg.text_len, make_tokenizer(cfg).vocab_size)
         _split_range(cfg, "train", n, f"ArrayRecord file(s) {', '.join(cfg.paths)}")
+    elif cfg.kind == "pystdlib":
+        pystdlib.make_source(cfg, "train"), pystdlib.make_source(cfg, "eval")
 
 
 def _text_what(cfg: DataConfig, stream_len: int) -> str:
@@ -299,6 +301,8 @@ def make_source(cfg: DataConfig, split: str):
             text_len=cfg.text_len,
             vocab_size=make_tokenizer(cfg).vocab_size,
         )
+    if cfg.kind == "pystdlib":
+        return pystdlib.make_source(cfg, split)
     stream = read_text_stream(cfg.paths, make_tokenizer(cfg))
     n = num_windows(len(stream), cfg.text_len)
     start, length = _split_range(cfg, split, n, _text_what(cfg, len(stream)))
