@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import types
 
 import correctness
@@ -117,8 +118,15 @@ def tokamax_source() -> str:
     return tokamax_gmm()[0]
 
 
+def kernel_families(interpret: bool) -> list[str]:
+    """The kernel family "auto" picks here, then Triton when that is Mosaic GPU (a Hopper GPU):
+    both are checked and timed side by side until a device has measured which to keep."""
+    fam = kp.resolve_backend("auto", interpret=interpret)
+    return [fam, "triton"] if fam == "mosaic_gpu" else [fam]  # Triton: while jax ships it
+
+
 def run_correctness(sec, s, meta) -> dict:
-    families = [kp.resolve_backend("auto", interpret=s.interpret)]
+    families = kernel_families(s.interpret)
     for fam in families:
         ops = correctness.kernel_ops(fam, s.interpret, s.check_blocks)
         for dt in s.dtypes:
@@ -208,21 +216,22 @@ def _follows_rows(points: list[dict]) -> dict:
 
 
 def run_gmm(sec, s, meta) -> dict:
-    fam = kp.resolve_backend("auto", interpret=s.interpret)
+    families = kernel_families(s.interpret)
     source, tok = tokamax_gmm()
     extra = tokamax_peers(tok) if tok is not None else None
     peak = sec.item("dense matmul", lambda: matmul_tflops(s.peak_n, s.gmm_dtype, s.repeats))
     shapes = {}
-    for shape, (rows, d, f, groups) in s.gmm_shapes.items():
+    for fam, (shape, (rows, d, f, groups)) in itertools.product(families, s.gmm_shapes.items()):
         ns = types.SimpleNamespace(
             rows=rows, d=d, f=f, dtype=s.gmm_dtype, repeats=s.repeats, no_ragged=False
         )
         ns.block_sizes = s.gmm_blocks
         points = []
+        key = shape if fam == families[0] else f"{shape} [{fam}]"
         print(f"\n{shape}: R={rows} D={d} F={f} {s.gmm_dtype}, {fam} kernel, useful TFLOP/s")
         print(gmm_bench.HEADER, flush=True)
 
-        def point(null, ns=ns, groups=groups, shape=shape, points=points):
+        def point(null, ns=ns, groups=groups, shape=shape, points=points, fam=fam):
             p = gmm_bench.bench_point(ns, groups, null, fam, s.interpret, extra=extra)
             p.update(shape=shape, rows=ns.rows, d=ns.d, f=ns.f, backend=fam, dtype=ns.dtype)
             p["ratios"] = _ratios(p["tflops"])
@@ -231,11 +240,18 @@ def run_gmm(sec, s, meta) -> dict:
             return p
 
         for null in s.nulls:
-            p = sec.item(f"{shape} null={null}", lambda null=null, point=point: point(null))
+            p = sec.item(f"{key} null={null}", lambda null=null, point=point: point(null))
             if p is not None:
                 points.append(p)
-        shapes[shape] = dict(rows=rows, d=d, f=f, groups=groups, **_follows_rows(points))
-    return dict(kernel=fam, dtype=s.gmm_dtype, tokamax=source, dense_matmul=peak, shapes=shapes)
+        shapes[key] = dict(rows=rows, d=d, f=f, groups=groups, kernel=fam, **_follows_rows(points))
+    return dict(
+        kernel=families[0],
+        families=families,
+        dtype=s.gmm_dtype,
+        tokamax=source,
+        dense_matmul=peak,
+        shapes=shapes,
+    )
 
 
 def run_layer(sec, s, meta) -> dict:
@@ -366,7 +382,8 @@ def print_summary(out: dict) -> None:
         bwd = ("tgmm", "dense_t", "ragged_t", "tokamax_t")
         print(f"\ngmm, TFLOP/s of useful work ({' '.join(fwd)} | {' '.join(bwd)})")
         for p in points:
-            row = f"{p['shape']:13s} null={p['null']:4.2f} | {_cols(p['tflops'], fwd)}"
+            row = f"{p['shape']:13s} {p['backend']:10s} null={p['null']:4.2f} | "
+            row += _cols(p["tflops"], fwd)
             print(f"{row} | {_cols(p['tflops'], bwd)}")
         for shape, r in summ("gmm").get("shapes", {}).items():
             print(f"{shape}: time falls with real rows: {r.get('time_falls')}")

@@ -135,7 +135,9 @@ def main() -> None:
     parser.add_argument("--groups", default="8,32,128", help="comma-separated group counts")
     parser.add_argument("--nulls", default="0,0.5,0.75", help="fractions of rows dropped")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "tpu", "triton"])
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "tpu", "triton", "mosaic_gpu"]
+    )
     parser.add_argument("--tiles", default=None, help="tm,tk,tn override (default: table)")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per point")
     parser.add_argument("--no-ragged", action="store_true", help="skip jax.lax.ragged_dot")

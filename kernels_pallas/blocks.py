@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-BACKENDS = ("tpu", "triton")
+BACKENDS = ("tpu", "triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,7 @@ class BlockSizes:
 DEFAULTS: dict[str, BlockSizes] = {
     "tpu": BlockSizes(tm=512, tk=512, tn=1024),
     "triton": BlockSizes(tm=128, tk=64, tn=128, num_warps=8, num_stages=3),
+    "mosaic_gpu": BlockSizes(tm=128, tk=64, tn=128),
 }
 
 # Shape-keyed overrides: (backend, contraction bucket, output bucket) -> BlockSizes, where a
@@ -191,3 +192,55 @@ def triton_block_sizes(
                 )
             bs = dataclasses.replace(bs, **{name: getattr(bs, name) // 2})
     return bs
+
+
+# Mosaic GPU (Hopper wgmma) tiles per op, for 227 KiB of shared memory (H100 / H200): "gmm" tm
+# rows, tk contraction, tn output columns; "tgmm" tm rows (the contraction), tk D rows of the
+# accumulator, tn F columns. wgmma wants accumulator rows in multiples of 64 and columns of at
+# most 256; a 64-wide bf16 contraction tile is one 128-byte swizzled row. num_warps/num_stages
+# are not used (the pipeline depth is MOSAIC_GPU_STEPS).
+MOSAIC_GPU_STEPS = 3
+MOSAIC_GPU_TILES: dict[str, BlockSizes] = {
+    "gmm": BlockSizes(tm=128, tk=64, tn=128),  # 96 KiB operands + 64 KiB f32 output tile
+    "tgmm": BlockSizes(tm=64, tk=128, tn=128),  # 96 KiB operands + 64 KiB f32 output tile
+}
+
+
+def mosaic_gpu_smem_bytes(op: str, bs: BlockSizes, out_itemsize: int) -> int:
+    """Shared memory of one Mosaic GPU program (16-bit operands): pipelined tiles + output."""
+    if op not in ("gmm", "tgmm"):
+        raise ValueError(f"op must be 'gmm' or 'tgmm', got {op!r}")
+    if op == "gmm":
+        operands, out = bs.tm * bs.tk + bs.tk * bs.tn, bs.tm * bs.tn
+    else:
+        operands, out = bs.tm * bs.tk + bs.tm * bs.tn, bs.tk * bs.tn
+    return MOSAIC_GPU_STEPS * operands * 2 + out * out_itemsize
+
+
+def check_mosaic_gpu_block_sizes(
+    op: str, bs: BlockSizes, out_itemsize: int, smem_bytes: int = 227 * 1024
+) -> BlockSizes:
+    """bs, after checking it suits the Mosaic GPU kernels; raises naming the field otherwise."""
+    for name in ("tm", "tk", "tn"):
+        if getattr(bs, name) % 64:
+            raise ValueError(
+                f"BlockSizes.{name} must be a multiple of 64 for the Mosaic GPU kernels "
+                f"(wgmma tiles), got {getattr(bs, name)}"
+            )
+    if bs.tn > 256:
+        raise ValueError(f"BlockSizes.tn must be at most 256 for Mosaic GPU (wgmma), got {bs.tn}")
+    need = mosaic_gpu_smem_bytes(op, bs, out_itemsize)
+    if need > smem_bytes:
+        raise ValueError(
+            f"block_sizes {bs} need {need} bytes of shared memory for Mosaic GPU {op}, more "
+            f"than the target's {smem_bytes}: lower the tiles, or pass block_sizes=None"
+        )
+    return bs
+
+
+def mosaic_gpu_block_sizes(op: str, out_itemsize: int, smem_bytes: int = 227 * 1024) -> BlockSizes:
+    """The MOSAIC_GPU_TILES entry for `op`, with tn halved (down to 64) until it fits."""
+    bs = MOSAIC_GPU_TILES[op]
+    while mosaic_gpu_smem_bytes(op, bs, out_itemsize) > smem_bytes and bs.tn > 64:
+        bs = dataclasses.replace(bs, tn=bs.tn // 2)
+    return check_mosaic_gpu_block_sizes(op, bs, out_itemsize, smem_bytes)

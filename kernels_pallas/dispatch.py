@@ -1,12 +1,16 @@
-"""Kernel choice at lowering time: the TPU (Mosaic) or GPU (Triton) kernel for the platform the
-program is lowered for, never for jax.default_backend().
+"""Kernel choice at lowering time: the TPU (Mosaic), Hopper GPU (Mosaic GPU) or GPU (Triton)
+kernel for the platform and devices the program is lowered for, never for
+jax.default_backend().
 
 gmm and tgmm here bind a primitive whose lowering rules are registered per platform, so the
 choice follows the jitted program's target, also when a CPU host compiles for compile-only TPU
 or GPU devices:
-- "tpu": the Mosaic kernel; "cuda" / "rocm": the Triton kernel; any other platform (CPU): the
-  TPU kernel in interpret mode when interpret=True, otherwise a clear error. An explicit
-  backend that does not run natively on the target is an error unless interpret=True.
+- "tpu": the Mosaic kernel; "cuda": the Mosaic GPU kernel (mosaic_gpu.py) when every target
+  GPU has compute capability 9.x and the running jax has Mosaic GPU Pallas, else the Triton
+  kernel; "rocm": the Triton kernel; any other platform (CPU): the TPU kernel in interpret
+  mode when interpret=True, otherwise a clear error. An explicit backend that does not run
+  natively on the target is an error unless interpret=True (backend="mosaic_gpu" with
+  interpret=True runs Pallas's GPU interpreter).
   interpret="auto" means interpret=False on TPU / GPU targets and True elsewhere.
   fallback="reference": where the target has no native kernel and interpret is off (a CPU, a
   GPU below compute capability 8.0), lower the jnp reference (reference.py: right values at
@@ -14,9 +18,11 @@ or GPU devices:
   compiler drop it there (moe_jax's backend="auto").
 - On CUDA the rule reads the target devices (jit's device assignment or the shard_map mesh)
   and then (1) refuses GPUs below compute capability 8.0, where XLA has no Triton, naming the
-  capability and pointing to an XLA path, and (2) picks Triton tiles that fit the device's
-  shared memory (blocks.triton_block_sizes). Without a known device it falls back to any local
-  GPU, then to compute capability 8.0 tiles (which fit every supported GPU).
+  capability and pointing to an XLA path, (2) refuses backend="mosaic_gpu" on a GPU other than
+  9.x (wgmma is Hopper-only; LLVM aborts the process on an sm80 target instead of raising),
+  and (3) picks tiles that fit the device's shared memory (blocks.triton_block_sizes,
+  blocks.mosaic_gpu_block_sizes). Without a known device it falls back to any local GPU, then
+  to the Triton kernel with compute capability 8.0 tiles (which fit every supported GPU).
 Only the chosen kernel is traced to kernel IR and compiled. Callers that want to decide before
 tracing (e.g. pick an XLA path on a T4) use triton_supported(device).
 """
@@ -31,12 +37,14 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from kernels_pallas import reference, tpu, triton
+from kernels_pallas import mosaic_gpu, reference, tpu, triton
 from kernels_pallas.blocks import (
     BACKENDS,
     MIN_TRITON_CC,
     BlockSizes,
+    check_mosaic_gpu_block_sizes,
     default_block_sizes,
+    mosaic_gpu_block_sizes,
     smem_optin_bytes,
     triton_block_sizes,
     triton_smem_bytes,
@@ -44,23 +52,43 @@ from kernels_pallas.blocks import (
 from kernels_pallas.gpu_target import triton_target
 from kernels_pallas.lowering import register_target_lowering, target_devices
 
-_NATIVE = {"tpu": "tpu", "cuda": "triton", "rocm": "triton", "gpu": "triton"}
+_NATIVE = {"tpu": ("tpu",), "cuda": ("mosaic_gpu", "triton"), "rocm": ("triton",)}
+_NATIVE["gpu"] = _NATIVE["cuda"]
 
 
-def resolve_backend(backend: str, interpret: bool, platform: str | None = None) -> str:
-    """Map "auto" / "tpu" / "triton" to a kernel family for `platform`.
+def _gpu_family(devices: list) -> str:
+    """The CUDA kernel for the target GPUs: Mosaic GPU when every one is compute capability
+    9.x and the running jax has Mosaic GPU Pallas, else Triton (also when no GPU is known)."""
+    ccs = [cc for d in devices if (cc := _cc(d)) is not None]
+    if ccs and mosaic_gpu.unavailable_reason() is None and all(map(mosaic_gpu.supports_cc, ccs)):
+        return "mosaic_gpu"
+    return "triton"
 
-    platform is a lowering platform ("tpu", "cuda", "rocm", "cpu"; "gpu" means a GPU); None
-    means jax.default_backend() (for callers that decide eagerly, e.g. a benchmark). gmm and
-    tgmm resolve at lowering time with the program's platform.
+
+def resolve_backend(
+    backend: str, interpret: bool, platform: str | None = None, devices: list | None = None
+) -> str:
+    """Map "auto" / "tpu" / "triton" / "mosaic_gpu" to a kernel family for `platform`.
+
+    platform is a lowering platform ("tpu", "cuda", "rocm", "cpu"; "gpu" means a GPU) and
+    devices the GPUs the program is compiled for (they pick Mosaic GPU or Triton on "cuda");
+    None means jax.default_backend() and its devices (for callers that decide eagerly, e.g. a
+    benchmark). gmm and tgmm resolve at lowering time with the program's platform and devices.
     """
     if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be 'auto', 'tpu' or 'triton', got {backend!r}")
-    platform = jax.default_backend() if platform is None else platform
-    native = _NATIVE.get(platform)
+        raise ValueError(
+            f"backend must be 'auto', 'tpu', 'triton' or 'mosaic_gpu', got {backend!r}"
+        )
+    if platform is None:
+        platform = jax.default_backend()
+        devices = jax.devices() if devices is None else devices
+    devices = list(devices or [])
+    natives = _NATIVE.get(platform, ())
     if backend == "auto":
-        if native is not None:
-            return native
+        if platform in ("cuda", "gpu"):
+            return _gpu_family(devices)
+        if natives:
+            return natives[0]
         if interpret:
             return "tpu"
         raise ValueError(
@@ -68,13 +96,39 @@ def resolve_backend(backend: str, interpret: bool, platform: str | None = None) 
             "interpret=True (tests: runs the TPU kernel on CPU, slowly) or use an XLA path "
             "such as jax.lax.ragged_dot."
         )
-    if not interpret and native != backend:
+    if interpret:
+        if backend == "mosaic_gpu" and (reason := mosaic_gpu.unavailable_reason()):
+            raise ValueError(f"backend='mosaic_gpu': {reason}")
+        return backend
+    if backend not in natives:
+        where = {"tpu": "TPU", "triton": "GPU", "mosaic_gpu": "NVIDIA Hopper GPUs"}[backend]
         raise ValueError(
-            f"backend={backend!r} runs natively only on "
-            f"{'TPU' if backend == 'tpu' else 'GPU'}, but the program is lowered for "
-            f"{platform!r}: pass interpret=True or backend='auto'."
+            f"backend={backend!r} runs natively only on {where}, but the program is lowered "
+            f"for {platform!r}: pass interpret=True or backend='auto'."
         )
+    if backend == "mosaic_gpu":
+        _check_mosaic_gpu(devices)
     return backend
+
+
+def _check_mosaic_gpu(devices: list) -> None:
+    """Raise unless the Mosaic GPU kernels compile for every target GPU."""
+    if reason := mosaic_gpu.unavailable_reason():
+        raise ValueError(f"backend='mosaic_gpu': {reason}; use backend='triton' or 'auto'")
+    for device in devices:
+        cc = _cc(device)
+        if cc is not None and not mosaic_gpu.supports_cc(cc):
+            raise ValueError(
+                f"backend='mosaic_gpu' compiles for NVIDIA GPUs of compute capability 9.x "
+                f"(Hopper: H100, H200; wgmma), but the target {device.device_kind!r} has "
+                f"{cc[0]}.{cc[1]}: use backend='triton' or 'auto' (which picks Triton there)"
+            )
+
+
+def mosaic_gpu_supported(device) -> bool:
+    """Whether the Mosaic GPU kernels compile for `device` with the running jax."""
+    cc = _cc(device) if device.platform in ("gpu", "cuda") else None
+    return cc is not None and mosaic_gpu.unavailable_reason() is None and mosaic_gpu.supports_cc(cc)
 
 
 def _cc(device) -> tuple[int, int] | None:
@@ -137,9 +191,11 @@ def _check_smem(op: str, bs: BlockSizes, itemsize: int, smem: int) -> None:
 
 def _native(backend: str, platform: str, devices: list) -> bool:
     """Whether `backend` has a kernel that compiles natively for the target."""
-    native = _NATIVE.get(platform)
-    if native is None or backend not in ("auto", native):
+    natives = _NATIVE.get(platform, ())
+    if not natives or backend not in ("auto", *natives):
         return False
+    if backend == "mosaic_gpu":
+        return bool(devices) and all(map(mosaic_gpu_supported, devices))
     ccs = [cc for d in devices if (cc := _cc(d)) is not None]
     return platform != "cuda" or all(cc >= MIN_TRITON_CC for cc in ccs)
 
@@ -180,14 +236,14 @@ def _lowering(
     platform = platform or (ctx.platforms or ctx.module_context.platforms)[0]
     if interpret == "auto":
         interpret = platform not in _NATIVE
-    # Read once: the fallback test, the tiles and jax's Triton lowering all use them.
+    # Read once: the fallback test, the family, the tiles and jax's Triton lowering use them.
     devices = _target_devices(ctx) if platform == "cuda" and not interpret else []
     if fallback == "reference" and not interpret and not _native(backend, platform, devices):
         ref = functools.partial(
             _reference, op=op, out_dtype=out_dtype, transpose_rhs=transpose_rhs, groups=groups
         )
         return mlir.lower_fun(ref, multiple_results=False)(ctx, *args)
-    family = resolve_backend(backend, interpret, platform)
+    family = resolve_backend(backend, interpret, platform, devices)
     lhs_aval, other_aval = ctx.avals_in[:2]
     m, k = lhs_aval.shape
     if op == "gmm":
@@ -204,8 +260,16 @@ def _lowering(
             bs = triton_block_sizes(op, m, k, n, itemsize=itemsize, smem_bytes=smem)
         else:
             _check_smem(op, bs, itemsize, smem)
+    if family == "mosaic_gpu":
+        # f32 operands run as bf16 products with an f32 output tile (mosaic_gpu.py).
+        out_size = 4 if lhs_aval.dtype == np.float32 else np.dtype(out_dtype).itemsize
+        smem = _gpu_smem(devices) if devices and not interpret else 227 * 1024
+        if bs is None:
+            bs = mosaic_gpu_block_sizes(op, out_size, smem)
+        else:
+            check_mosaic_gpu_block_sizes(op, bs, out_size, smem)
     bs = bs or default_block_sizes(family, k, n)
-    kernels = tpu if family == "tpu" else triton
+    kernels = {"tpu": tpu, "triton": triton, "mosaic_gpu": mosaic_gpu}[family]
     if op == "gmm":
         fn = functools.partial(kernels.gmm, transpose_rhs=transpose_rhs)
     else:
@@ -237,6 +301,18 @@ grouped_matmul_p.def_impl(
 register_target_lowering(grouped_matmul_p, _lowering, ("tpu", "cuda", "rocm"))
 
 
+def _mosaic_gpu_interpret(op, lhs, other, group_sizes, group_offset, block_sizes, **kw):
+    """The Mosaic GPU kernel in Pallas's GPU interpreter, called directly: the interpreter's
+    callbacks carry an ordered effect that a primitive's lowering rule cannot thread."""
+    resolve_backend("mosaic_gpu", True)  # a clear error where the running jax lacks it
+    out_size = 4 if lhs.dtype == np.float32 else np.dtype(kw["out_dtype"]).itemsize
+    if block_sizes is None:
+        block_sizes = mosaic_gpu_block_sizes(op, out_size)
+    check_mosaic_gpu_block_sizes(op, block_sizes, out_size)
+    fn = mosaic_gpu.gmm if op == "gmm" else mosaic_gpu.tgmm
+    return fn(lhs, other, group_sizes, group_offset, block_sizes=block_sizes, interpret=True, **kw)
+
+
 def gmm(
     lhs,
     rhs,
@@ -251,6 +327,17 @@ def gmm(
     fallback=None,
 ):
     """The gmm kernel for the lowering platform: [R, D] x [G, D, F] -> [R, F] (see ops.py)."""
+    if backend == "mosaic_gpu" and interpret is True:
+        return _mosaic_gpu_interpret(
+            "gmm",
+            lhs,
+            rhs,
+            group_sizes,
+            group_offset,
+            block_sizes,
+            out_dtype=out_dtype,
+            transpose_rhs=bool(transpose_rhs),
+        )
     return grouped_matmul_p.bind(
         lhs,
         rhs,
@@ -281,6 +368,17 @@ def tgmm(
     fallback=None,
 ):
     """The tgmm kernel for the lowering platform: [R, D], [R, F] -> [G, D, F] (see ops.py)."""
+    if backend == "mosaic_gpu" and interpret is True:
+        return _mosaic_gpu_interpret(
+            "tgmm",
+            lhs,
+            grad,
+            group_sizes,
+            group_offset,
+            block_sizes,
+            out_dtype=out_dtype,
+            num_groups=int(num_groups),
+        )
     return grouped_matmul_p.bind(
         lhs,
         grad,

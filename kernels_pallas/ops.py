@@ -1,8 +1,9 @@
 """Differentiable grouped matmuls: gmm and tgmm with a custom VJP and input checks.
 
-backend="auto" runs the Mosaic kernel when the program is lowered for TPU and the Triton kernel
-when it is lowered for an NVIDIA GPU (compute capability >= 8.0), also from a CPU host compiling
-for compile-only devices; on CPU it needs interpret=True. interpret="auto" runs natively where
+backend="auto" runs the Mosaic kernel when the program is lowered for TPU, the Mosaic GPU kernel
+for NVIDIA Hopper GPUs (compute capability 9.x, jax with Mosaic GPU Pallas) and the Triton kernel
+for other NVIDIA GPUs (compute capability >= 8.0), also from a CPU host compiling for
+compile-only devices; on CPU it needs interpret=True. interpret="auto" runs natively where
 the target has a kernel and in interpret mode elsewhere (CPU tests of code that also compiles for
 accelerators). The choice is made at lowering time (dispatch.py), never from
 jax.default_backend().
@@ -53,7 +54,7 @@ _DTYPES = frozenset(np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16
 class _Cfg:
     """Static arguments of one call (hashable: a nondiff argument of the custom VJP)."""
 
-    backend: str  # "auto" | "tpu" | "triton": resolved at lowering time (dispatch.py)
+    backend: str  # "auto" | "tpu" | "triton" | "mosaic_gpu": resolved at lowering (dispatch.py)
     block_sizes: BlockSizes | None  # None: defaults for the target
     interpret: bool | str  # True, False or "auto" (interpret only where no kernel is native)
     out_dtype: np.dtype
@@ -111,7 +112,9 @@ def _check_fallback(fallback) -> str | None:
 
 def _check_backend(backend: str) -> str:
     if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be 'auto', 'tpu' or 'triton', got {backend!r}")
+        raise ValueError(
+            f"backend must be 'auto', 'tpu', 'triton' or 'mosaic_gpu', got {backend!r}"
+        )
     return backend
 
 
@@ -252,7 +255,7 @@ def gmm(
         preferred_element_type: output dtype (default: the promoted input dtype).
         block_sizes: tile sizes (default: the table for the target).
         interpret: True / False, or "auto" (interpret mode only where no kernel is native).
-        backend: "auto" (by the lowering target), "tpu" or "triton".
+        backend: "auto" (by the lowering target), "tpu", "triton" or "mosaic_gpu".
         fallback: None or "reference".
 
     Returns:
@@ -314,7 +317,7 @@ def tgmm(
         preferred_element_type: output dtype (default: the promoted input dtype).
         block_sizes: tile sizes (default: the table for the target).
         interpret: True / False, or "auto".
-        backend: "auto", "tpu" or "triton".
+        backend: "auto", "tpu", "triton" or "mosaic_gpu".
         fallback: None or "reference".
 
     Returns:

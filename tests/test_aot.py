@@ -79,7 +79,7 @@ def test_fits_on_4_chips_where_libtpu_aborted():
     _need_libtpu()
     r = _aot("--target=tpu:v5e:2x2", "--config.model.n_layers=1")
     _fit_line(r, 4)
-    assert "expert backend: pallas (native kernel in the program)" in r.stdout
+    assert "expert backend: pallas (Mosaic kernel in the program)" in r.stdout
 
 
 def test_fits_on_16_chips():

@@ -32,6 +32,7 @@ from moe_jax.train import aot  # noqa: E402
 from moe_jax.train.config import from_config_dict  # noqa: E402
 
 KERNEL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+MOSAIC_GPU = "mosaic_gpu_v2"  # the Hopper kernels (kernels_pallas/mosaic_gpu.py)
 PACKAGES = {"gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin"), "tpu": ("libtpu",)}
 ROUTERS = {
     "null": dict(router="null", top_k=4, rho=0.5),
@@ -53,6 +54,17 @@ def _devices(target):
     from kernels_pallas import targets
 
     return targets.compile_only_devices(target)
+
+
+def _kernel(target):
+    """The custom call of the kernel "auto" picks for the target: Mosaic on TPU, Mosaic GPU on
+    Hopper where the running jax has it, Triton on the other NVIDIA GPUs."""
+    if target.startswith("tpu"):
+        return KERNEL["tpu"]
+    import kernels_pallas
+
+    supported = kernels_pallas.mosaic_gpu_supported(_devices(target)[0])
+    return MOSAIC_GPU if supported else KERNEL["gpu"]
 
 
 def _compile_layer(target, router, ep_shape=None, backend="auto"):
@@ -89,7 +101,7 @@ def _compile_layer(target, router, ep_shape=None, backend="auto"):
 def test_layer_fwd_bwd_compiles_with_the_native_kernel(target, router):
     hlo, devices = _compile_layer(target, router)
     assert experts.resolve_backend("auto", devices[0]) == "pallas"
-    assert KERNEL[target[:3]] in hlo
+    assert _kernel(target) in hlo
 
 
 @pytest.mark.parametrize("target", ["gpu:h100x1", "tpu:v5e:1x1"])
@@ -97,14 +109,14 @@ def test_explicit_pallas_compiles_the_native_kernel(target):
     """backend="pallas" (not only "auto") lowers the target's kernel, never the interpret loop,
     although this host's default backend is the CPU."""
     hlo, _ = _compile_layer(target, "null", backend="pallas")
-    assert KERNEL[target[:3]] in hlo
+    assert _kernel(target) in hlo
 
 
 @pytest.mark.parametrize("target, mesh", [("gpu:h100x8", (1, 8)), ("tpu:v5e:4x4", (2, 8))])
 def test_expert_parallel_layer_uses_ragged_all_to_all(target, mesh):
     hlo, _ = _compile_layer(target, "null", ep_shape=mesh)
     assert "ragged-all-to-all" in hlo
-    assert KERNEL[target[:3]] in hlo
+    assert _kernel(target) in hlo
 
 
 def test_pre_ampere_gpu_gets_the_xla_path_and_a_clear_error():
@@ -113,7 +125,7 @@ def test_pre_ampere_gpu_gets_the_xla_path_and_a_clear_error():
     with pytest.raises(ValueError, match=r"compute capability >= 8\.0.*7\.5.*tiled"):
         experts.resolve_backend("pallas", t4)
     hlo, _ = _compile_layer("gpu:t4x1", "null")
-    assert KERNEL["gpu"] not in hlo
+    assert KERNEL["gpu"] not in hlo and MOSAIC_GPU not in hlo
 
 
 def _single_device_layer(backend="auto"):
@@ -137,6 +149,7 @@ def _single_device_hlo(target, grad, **kw):
 
 
 # fwd: 2 gmm (SwiGLU's two input projections in one, then the output); fwd+bwd: 6 kernels.
+# The layer is f32: Mosaic GPU runs each f32 product as three bf16 kernels.
 @pytest.mark.parametrize(
     "target, grad",
     [("gpu:h100x1", False), ("gpu:a100x1", False), ("tpu:v5e:1x1", True), ("tpu:v6e:1x1", False)],
@@ -146,7 +159,8 @@ def test_auto_single_device_layer_compiles_the_targets_kernel(target, grad):
     a layer built here and jitted with inputs on an H100 / A100 / v5e / v6e holds the native
     kernel, and XLA has dropped the other branch (no conditional left)."""
     hlo = _single_device_hlo(target, grad)
-    assert hlo.count(KERNEL[target[:3]]) == (6 if grad else 2)
+    per_product = 3 if _kernel(target) == MOSAIC_GPU else 1
+    assert hlo.count(_kernel(target)) == (6 if grad else 2) * per_product
     assert "conditional" not in hlo
 
 
@@ -154,7 +168,7 @@ def test_auto_single_device_pre_ampere_gpu_compiles_the_xla_loop():
     """On a T4 the table picks the XLA loop; the Pallas branch lowers its reference there (for
     forward and backward) and is dropped, instead of failing for want of Triton."""
     hlo = _single_device_hlo("gpu:t4x1", grad=True)
-    assert KERNEL["gpu"] not in hlo and "conditional" not in hlo
+    assert KERNEL["gpu"] not in hlo and MOSAIC_GPU not in hlo and "conditional" not in hlo
 
 
 def test_auto_table_entry_per_device_kind_drives_the_lowering(monkeypatch):
@@ -207,6 +221,8 @@ def test_aot_default_config_compiles_and_fits(target):
     report = aot.compile_train_step(from_config_dict(default.get_config()), target)
     assert report["fits"] and report["native_kernel"], report
     assert report["expert_backend"] == "pallas"
+    family = {"tpu_custom_call": "Mosaic", MOSAIC_GPU: "Mosaic GPU"}.get(_kernel(target), "Triton")
+    assert report["kernel_families"] == [family]  # what the fit check names
     b = report["bytes"]
     assert 0 < b["total"] < b["device_memory"]
     # the donated state: f32 params + two Adam moments are at least 3x the parameter bytes

@@ -1,9 +1,11 @@
-"""kernels_pallas compiles natively for TPUs (Mosaic) and NVIDIA GPUs (Triton) from a CPU host.
+"""kernels_pallas compiles natively for TPUs (Mosaic) and NVIDIA GPUs (Mosaic GPU on Hopper,
+Triton elsewhere) from a CPU host.
 
 Compile-only devices (kernels_pallas.targets) stand in for the hardware: each case lowers and
 compiles a jitted call on abstract inputs placed on them and checks that the optimized HLO holds
-the native kernel (`__gpu$xla.gpu.triton` / `tpu_custom_call`), i.e. the kernel was chosen for
-the target at lowering time and not the interpret-mode loop of a CPU run. Nothing runs. The
+the native kernel (`mosaic_gpu_v2` / `__gpu$xla.gpu.triton` / `tpu_custom_call`), i.e. the
+kernel was chosen for the target at lowering time and not the interpret-mode loop of a CPU run.
+tests/test_kernels_mosaic_gpu.py has the Mosaic GPU kernels' own compile and ptxas checks. Nothing runs. The
 shapes about shared-memory limits (D=4096/F=1024, D=2048/F=768) only compile.
 
 Needs the `aot` extra (`jax[cuda12]` or `jax[cuda13]`, and `libtpu`). Without it the tests skip locally and FAIL when
@@ -28,6 +30,7 @@ from kernels_pallas import gpu_target, targets, versions  # noqa: E402
 from kernels_pallas.blocks import triton_smem_bytes  # noqa: E402
 
 KERNEL_CALL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 PACKAGES = {"gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin"), "tpu": ("libtpu",)}
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 R, D, F, G = 512, 1408, 384, 256  # small; D is not a power of two, G is the largest we support
@@ -59,33 +62,51 @@ def _spec(mesh, shape, dtype, spec=REPLICATED):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
-def _loss(x, w, s):
-    return kp.gmm(x, w, s).astype(jnp.float32).sum()
+def _loss(x, w, s, **kw):
+    return kp.gmm(x, w, s, **kw).astype(jnp.float32).sum()
 
 
 # op -> (function of (a, b, group_sizes), shape of a, shape of b, native kernels in the HLO)
-def _ops(r, d, f, g):
+def _ops(r, d, f, g, backend="auto"):
+    kw = dict(backend=backend)
     return {
-        "gmm": (lambda x, w, s: kp.gmm(x, w, s), (r, d), (g, d, f), 1),
-        "gmm_t": (lambda x, w, s: kp.gmm(x, w, s, transpose_rhs=True), (r, f), (g, d, f), 1),
-        "tgmm": (lambda x, y, s: kp.tgmm(x, y, s), (r, d), (r, f), 1),
+        "gmm": (lambda x, w, s: kp.gmm(x, w, s, **kw), (r, d), (g, d, f), 1),
+        "gmm_t": (lambda x, w, s: kp.gmm(x, w, s, transpose_rhs=True, **kw), (r, f), (g, d, f), 1),
+        "tgmm": (lambda x, y, s: kp.tgmm(x, y, s, **kw), (r, d), (r, f), 1),
         # forward gmm + d_lhs (transposed gmm) + d_rhs (tgmm)
-        "vjp": (jax.value_and_grad(_loss, argnums=(0, 1)), (r, d), (g, d, f), 3),
+        "vjp": (
+            jax.value_and_grad(lambda x, w, s: _loss(x, w, s, **kw), argnums=(0, 1)),
+            (r, d),
+            (g, d, f),
+            3,
+        ),
     }
 
 
-def _compile(mesh, op, dtype, r, d, f, g):
-    fn, a_shape, b_shape, n_kernels = _ops(r, d, f, g)[op]
+def _compile(mesh, op, dtype, r, d, f, g, backend="auto"):
+    fn, a_shape, b_shape, n_kernels = _ops(r, d, f, g, backend)[op]
     args = (_spec(mesh, a_shape, dtype), _spec(mesh, b_shape, dtype), _spec(mesh, (g,), jnp.int32))
     return jax.jit(fn).lower(*args).compile(), n_kernels
 
 
-def _assert_native(compiled, target: str, n_kernels: int) -> None:
+def _gpu_call(target: str, backend: str = "auto") -> str:
+    """The custom call of the GPU kernel family `backend` resolves to on target."""
+    device = targets.compile_only_devices(target)[0]
+    mosaic = backend == "mosaic_gpu" or (backend == "auto" and kp.mosaic_gpu_supported(device))
+    return MOSAIC_GPU_CALL if mosaic else KERNEL_CALL["gpu"]
+
+
+def _assert_native(compiled, target, n_kernels, backend="auto", dtype=jnp.bfloat16) -> None:
+    """n_kernels native calls of the family for target (Mosaic GPU runs an f32 product as
+    three bf16 kernels) and none of any other family."""
     text = compiled.as_text()
     kind = target.split(":")[0]
-    assert text.count(KERNEL_CALL[kind]) == n_kernels, f"{target}: native kernels missing"
-    other = KERNEL_CALL["tpu" if kind == "gpu" else "gpu"]
-    assert other not in text, f"{target}: the other platform's kernel was compiled too"
+    want = KERNEL_CALL["tpu"] if kind == "tpu" else _gpu_call(target, backend)
+    if want == MOSAIC_GPU_CALL and jnp.dtype(dtype) == jnp.float32:
+        n_kernels *= 3
+    assert text.count(want) == n_kernels, f"{target}: native kernels missing"
+    for other in {*KERNEL_CALL.values(), MOSAIC_GPU_CALL} - {want}:
+        assert other not in text, f"{target}: another kernel family was compiled too"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
@@ -94,7 +115,7 @@ def _assert_native(compiled, target: str, n_kernels: int) -> None:
 def test_kernel_compiles_natively(target, op, dtype):
     mesh = _mesh(target)
     compiled, n_kernels = _compile(mesh, op, DTYPES[dtype], R, D, F, G)
-    _assert_native(compiled, target, n_kernels)
+    _assert_native(compiled, target, n_kernels, dtype=DTYPES[dtype])
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
@@ -109,8 +130,8 @@ def test_triton_tiles_fit_shared_memory(target, d, f, dtype):
     for op, m, k, n in [("gmm", 8192, d, f), ("gmm", 8192, f, d), ("tgmm", 8192, d, f)]:
         bs = kp.triton_block_sizes(op, m, k, n, itemsize=itemsize, smem_bytes=smem)
         assert triton_smem_bytes(op, bs, itemsize) <= smem, (op, bs)
-    compiled, n_kernels = _compile(mesh, "vjp", DTYPES[dtype], 8192, d, f, 64)
-    _assert_native(compiled, target, n_kernels)
+    compiled, n_kernels = _compile(mesh, "vjp", DTYPES[dtype], 8192, d, f, 64, "triton")
+    _assert_native(compiled, target, n_kernels, "triton", DTYPES[dtype])
 
 
 @pytest.mark.parametrize("target", ["gpu:h100x8", "tpu:v5e:2x2"])
@@ -269,4 +290,4 @@ def test_ampere_gpu_off_jax_name_lists_compiles():
     assert devices[0].device_kind == "NVIDIA RTX A6000" and devices[0].compute_capability == "8.6"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     compiled, n_kernels = _compile(mesh, "vjp", jnp.bfloat16, R, D, F, 8)
-    _assert_native(compiled, "gpu:a6000x1", n_kernels)
+    _assert_native(compiled, "gpu:a100x1", n_kernels)  # Triton, as on every sm8x GPU

@@ -1,4 +1,5 @@
-"""Backend "pallas": kernels_pallas.gmm (Mosaic on TPU, Triton on GPU) as a grouped matmul.
+"""Backend "pallas": kernels_pallas.gmm (Mosaic on TPU, Mosaic GPU on H100/H200, Triton on other
+GPUs) as a grouped matmul.
 
 Imported by the registry the first time "pallas" is asked for (an ImportError there makes the
 backend unavailable, not the library). On CPU the kernels run in Pallas interpret mode (slow;

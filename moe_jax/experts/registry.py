@@ -77,7 +77,7 @@ PRE_AMPERE = "cuda:cc<8.0"  # the AUTO_BACKENDS key of NVIDIA GPUs below MIN_TRI
 AUTO_BACKENDS: dict[str, str] = {
     "cpu": "tiled",  # measured: the fused XLA loop over the real row tiles
     "tpu": "pallas",  # unmeasured: the Mosaic kernels (v4, v5e, v5p, v6e compiled)
-    "cuda": "pallas",  # unmeasured: the Triton kernels (compute capability >= 8.0)
+    "cuda": "pallas",  # unmeasured: Mosaic GPU kernels on 9.x, Triton on the other >= 8.0
     PRE_AMPERE: "tiled",  # unmeasured; no Triton in XLA below compute capability 8.0
     "rocm": "tiled",  # unmeasured: the Triton kernels are not compiled for ROCm here
 }

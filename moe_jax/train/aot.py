@@ -37,8 +37,18 @@ from moe_jax.experts import resolve_backend
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.step import StepSpec, abstract_state, make_optimizer, train_step
 
-# Custom-call targets of the native Pallas kernels in compiled HLO.
-KERNEL_MARKERS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+# Custom-call targets of the native Pallas kernels in compiled HLO, per kernel family.
+KERNEL_FAMILIES = {
+    "tpu": {"Mosaic": "tpu_custom_call"},
+    "gpu": {"Mosaic GPU": "mosaic_gpu_v2", "Triton": "__gpu$xla.gpu.triton"},
+}
+
+
+def kernel_families(hlo: str, platform: str) -> list[str]:
+    """The Pallas kernel families whose custom calls are in a compiled program's HLO text."""
+    return [name for name, marker in KERNEL_FAMILIES[platform].items() if marker in hlo]
+
+
 # XLA's out-of-memory messages; its sizes are binary ("15.75G" is 15.75 GiB). jax 0.10-0.12:
 # "... the total memory required for HLO temporaries (27.77G) exceeds available HBM (15.75G)";
 # older: "Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm."
@@ -145,6 +155,7 @@ def compile_train_step(cfg: TrainConfig, target: str) -> dict:
         return {
             **head,
             "native_kernel": None,
+            "kernel_families": None,
             "ragged_all_to_all": None,
             "compile_seconds": time.perf_counter() - t0,
             "bytes": {"arguments": arg, "device_memory": capacity},
@@ -160,7 +171,8 @@ def compile_train_step(cfg: TrainConfig, target: str) -> dict:
     hlo = compiled.as_text()
     return {
         **head,
-        "native_kernel": KERNEL_MARKERS[platform] in hlo,
+        "native_kernel": bool(kernel_families(hlo, platform)),
+        "kernel_families": kernel_families(hlo, platform),
         "ragged_all_to_all": "ragged-all-to-all" in hlo or "ragged_all_to_all" in hlo,
         "compile_seconds": seconds,
         "bytes": {
@@ -186,7 +198,10 @@ def format_report(r: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     kernel = ""
     if r["expert_backend"] == "pallas" and r["native_kernel"] is not None:
-        kernel = " (native kernel in the program)" if r["native_kernel"] else " (NO native kernel)"
+        families = ", ".join(r.get("kernel_families") or [])
+        kernel = (
+            f" ({families} kernel in the program)" if r["native_kernel"] else " (NO native kernel)"
+        )
     lines = [
         f"target {r['target']}: {r['devices']} x {r['device_kind']}, mesh {mesh}",
         f"expert backend: {r['expert_backend'] or 'none (dense model)'}{kernel}",
