@@ -167,6 +167,25 @@ def _three_bf16(fn, a, b, out_dtype):
     return (f32(a_hi, b_hi) + f32(a_hi, b_lo) + f32(a_lo, b_hi)).astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("transpose", "out_dtype", "block_sizes", "interpret"))
+def _gmm_padded(bounds, x, w, *, transpose, out_dtype, block_sizes, interpret):
+    """The kernel on inputs padded to tile multiples -> [Rp, Fp]. A jitted function of its own,
+    so the three bf16 products of an f32 gmm lower one kernel and call it three times."""
+    tm, tk, tn = block_sizes.tm, block_sizes.tk, block_sizes.tn
+    x = _pad_to(_pad_to(x, 0, tm), 1, tk)  # [Rp, Dp]
+    w = _pad_to(_pad_to(w, 2 if transpose else 1, tk), 1 if transpose else 2, tn)
+    rows_p, cols_p = x.shape[0], (w.shape[1] if transpose else w.shape[2])
+    lo, hi = _tile_groups(bounds, rows_p // tm, tm)  # [Rp / tm] each
+    return plgpu.kernel(
+        functools.partial(_gmm_body, tm=tm, tk=tk, tn=tn, transpose=transpose),
+        out_type=jax.ShapeDtypeStruct((rows_p, cols_p), out_dtype),
+        grid=(cols_p // tn, rows_p // tm),
+        grid_names=("n", "m"),
+        compiler_params=_compiler_params(),
+        interpret=_params(interpret),
+    )(bounds, lo, hi, x, w)  # [Rp, Fp]
+
+
 @functools.partial(
     jax.jit, static_argnames=("transpose_rhs", "out_dtype", "block_sizes", "interpret")
 )
@@ -176,27 +195,14 @@ def gmm(lhs, rhs, group_sizes, group_offset, *, transpose_rhs, out_dtype, block_
     num_groups = rhs.shape[0]
     n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     bounds = group_bounds(group_sizes, group_offset, num_groups, num_rows)  # [G + 1]
+    kw = dict(transpose=transpose_rhs, block_sizes=block_sizes, interpret=interpret)
 
     def run(x, w, out_dtype):
-        tm, tk, tn = block_sizes.tm, block_sizes.tk, block_sizes.tn
-        x = _pad_to(_pad_to(x, 0, tm), 1, tk)  # [Rp, Dp]
-        w = _pad_to(_pad_to(w, 2 if transpose_rhs else 1, tk), 1 if transpose_rhs else 2, tn)
-        rows_p, cols_p = x.shape[0], (w.shape[1] if transpose_rhs else w.shape[2])
-        lo, hi = _tile_groups(bounds, rows_p // tm, tm)  # [Rp / tm] each
-        body = functools.partial(_gmm_body, tm=tm, tk=tk, tn=tn, transpose=transpose_rhs)
-        out = plgpu.kernel(
-            body,
-            out_type=jax.ShapeDtypeStruct((rows_p, cols_p), out_dtype),
-            grid=(cols_p // tn, rows_p // tm),
-            grid_names=("n", "m"),
-            compiler_params=_compiler_params(),
-            interpret=_params(interpret),
-        )(bounds, lo, hi, x, w)  # [Rp, Fp]
-        return out[:num_rows, :n_dim]  # [R, F]
+        return _gmm_padded(bounds, x, w, out_dtype=out_dtype, **kw)[:num_rows, :n_dim]
 
     if lhs.dtype == jnp.float32:
         return _three_bf16(run, lhs, rhs, out_dtype)
-    return run(lhs, rhs, out_dtype)
+    return run(lhs, rhs, out_dtype)  # [R, F]
 
 
 def _tgmm_body(bounds_ref, lhs_ref, grad_ref, out_ref, *, tm, tk, tn):
@@ -233,26 +239,32 @@ def _tgmm_body(bounds_ref, lhs_ref, grad_ref, out_ref, *, tm, tk, tn):
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "block_sizes", "interpret"))
+def _tgmm_padded(bounds, x, y, *, num_groups, out_dtype, block_sizes, interpret):
+    """The kernel on inputs padded to tile multiples -> [G, Dp, Fp] (jitted: see _gmm_padded)."""
+    tm, tk, tn = block_sizes.tm, block_sizes.tk, block_sizes.tn
+    x = _pad_to(_pad_to(x, 0, tm), 1, tk)  # [Rp, Dp]
+    y = _pad_to(_pad_to(y, 0, tm), 1, tn)  # [Rp, Fp]
+    return plgpu.kernel(
+        functools.partial(_tgmm_body, tm=tm, tk=tk, tn=tn),
+        out_type=jax.ShapeDtypeStruct((num_groups, x.shape[1], y.shape[1]), out_dtype),
+        grid=(num_groups, x.shape[1] // tk, y.shape[1] // tn),
+        grid_names=("g", "d", "f"),
+        compiler_params=_compiler_params(),
+        interpret=_params(interpret),
+    )(bounds, x, y)  # [G, Dp, Fp]
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "block_sizes", "interpret"))
 def tgmm(lhs, grad, group_sizes, group_offset, *, num_groups, out_dtype, block_sizes, interpret):
     """Per local group g: lhs[rows of g].T @ grad[rows of g] -> [G, D, F]."""
     num_rows, d_dim = lhs.shape
     f_dim = grad.shape[1]
     bounds = group_bounds(group_sizes, group_offset, num_groups, num_rows)  # [G + 1]
+    kw = dict(num_groups=num_groups, block_sizes=block_sizes, interpret=interpret)
 
     def run(x, y, out_dtype):
-        tm, tk, tn = block_sizes.tm, block_sizes.tk, block_sizes.tn
-        x = _pad_to(_pad_to(x, 0, tm), 1, tk)  # [Rp, Dp]
-        y = _pad_to(_pad_to(y, 0, tm), 1, tn)  # [Rp, Fp]
-        out = plgpu.kernel(
-            functools.partial(_tgmm_body, tm=tm, tk=tk, tn=tn),
-            out_type=jax.ShapeDtypeStruct((num_groups, x.shape[1], y.shape[1]), out_dtype),
-            grid=(num_groups, x.shape[1] // tk, y.shape[1] // tn),
-            grid_names=("g", "d", "f"),
-            compiler_params=_compiler_params(),
-            interpret=_params(interpret),
-        )(bounds, x, y)  # [G, Dp, Fp]
-        return out[:, :d_dim, :f_dim]  # [G, D, F]
+        return _tgmm_padded(bounds, x, y, out_dtype=out_dtype, **kw)[:, :d_dim, :f_dim]
 
     if lhs.dtype == jnp.float32:
         return _three_bf16(run, lhs, grad, out_dtype)
-    return run(lhs, grad, out_dtype)
+    return run(lhs, grad, out_dtype)  # [G, D, F]
