@@ -52,7 +52,7 @@ def test_logits_equal_transformers_bf16(checkpoint):
     """A bf16 checkpoint (BF16 tensors) loaded in bf16 against transformers in bf16."""
     _, _, path, ref_f32, ref_bf16 = checkpoint
     model, cfg = hf.load_model(path, "bfloat16")
-    assert model.blocks[0].attn.wq.kernel[...].dtype == jnp.bfloat16
+    assert model.stack.scanned.blocks[0].attn.wq.kernel[...].dtype == jnp.bfloat16
     ours = _logits(model, H.tokens())
     np.testing.assert_allclose(ours, ref_bf16, atol=BF16_ATOL, rtol=0)
     # and it is the f32 model up to bf16 rounding (not a different function)
@@ -120,7 +120,7 @@ def _random_checkpoint(directory, d=256, f=1024, layers=4, vocab=1024):
         **dict(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
     }
     mcfg = hf.model_config(cfg)
-    abstract = nnx.to_pure_dict(hf.load.abstract_model(mcfg)[1])
+    abstract = nnx.to_pure_dict(hf.load.abstract_model(mcfg.replace(scan_layers=False))[1])
     tensors = {}
     for name, path, transpose in hf.weight_map(mcfg):
         leaf = abstract
@@ -142,7 +142,7 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     path, tensors = _random_checkpoint(str(tmp_path / "ckpt"))
     total = sum(t.nbytes for t in tensors.values())
     largest = max(t.nbytes for t in tensors.values())
-    cfg = hf.model_config(hf.read_config(path))
+    cfg = hf.model_config(hf.read_config(path)).replace(scan_layers=False)
     graphdef, state = hf.load.abstract_model(cfg)
     abstract = nnx.to_pure_dict(state)
     reader = CheckpointReader(path)
@@ -169,8 +169,12 @@ def test_loading_onto_a_sharding(checkpoint):
     def place(name, shape):
         return split if name.endswith("w_in.kernel") and shape[1] % len(devices) == 0 else rep
 
-    model, _ = hf.load_model(path, sharding=place)
+    model, _ = hf.load_model(path, sharding=place, scan_layers=False)
     assert model.blocks[0].ffn.w_in.kernel[...].sharding == split
+    np.testing.assert_allclose(_logits(model, H.tokens()), ref, atol=2e-5, rtol=1e-5)
+    model, _ = hf.load_model(path, sharding=place)  # scanned: [G, D, F] split as P(None, None, x)
+    w_in = model.stack.scanned.blocks[0].ffn.w_in.kernel[...]
+    assert w_in.sharding.spec == jax.sharding.PartitionSpec(None, None, "x")
     np.testing.assert_allclose(_logits(model, H.tokens()), ref, atol=2e-5, rtol=1e-5)
 
 

@@ -45,7 +45,7 @@ def _model(router="topk", seed=0, **moe_kw):
     )
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed + 1)
-    for blk in (*model.blocks, model):  # norm scales away from 1: a swapped norm shows
+    for blk in (model.stack.scanned.blocks[0], model):  # norm scales away from 1 (all layers)
         for norm in [getattr(blk, n, None) for n in ("attn_norm", "ffn_norm", "final_norm")]:
             if norm is not None:
                 key, sub = jax.random.split(key)
@@ -105,7 +105,8 @@ def test_mixtral_export_refuses_what_it_cannot_express(tmp_path, router, kw, fie
 
 def test_null_expert_model_round_trips_exactly(tmp_path):
     model = _model("null", null_bias_update_rate=1e-3)
-    model.blocks[0].ffn.selection_bias[...] = jnp.arange(5.0)  # state, not only parameters
+    bias = model.stack.scanned.blocks[0].ffn.selection_bias  # [G, 5], state not only params
+    bias[...] = jnp.arange(5.0 * H.L).reshape(H.L, 5)
     path = hf.save_native(model, str(tmp_path / "native"))
     back, cfg = hf.load_native(path)
     assert cfg == model.cfg

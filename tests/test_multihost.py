@@ -177,8 +177,13 @@ def test_param_bytes_fall_as_fsdp_grows():
     _, real = step_lib.init_state(cfg, ep)  # fsdp=4, expert=2: created sharded
     for a, s in zip(jax.tree.leaves(real), jax.tree.leaves(state)):
         assert a.sharding.is_equivalent_to(s.sharding, len(s.shape))
-    w = real["params"]["blocks"][0]["ffn"]["w_in"][...]  # [N, D, F] over expert x fsdp
-    assert w.addressable_shards[0].data.shape == (w.shape[0] // 2, w.shape[1] // 4, w.shape[2])
+    w = real["params"]["stack"]["scanned"]["blocks"][0]["ffn"]["w_in"][...]  # [G, N, D, F]
+    assert w.addressable_shards[0].data.shape == (
+        w.shape[0],
+        w.shape[1] // 2,
+        w.shape[2] // 4,
+        w.shape[3],
+    )
     got = parallel.bytes_per_device({"params": real["params"], "opt": real["opt"]})
     assert max(got.values()) == sizes[4]
 

@@ -11,6 +11,7 @@ from flax import nnx
 from moe_jax import dispatch, experts
 from moe_jax.core.config import MoEConfig
 from moe_jax.model import ModelConfig, Transformer, model_summary
+from moe_jax.model.stack import unstack_params
 from moe_jax.model.upcycle import upcycle, upcycle_ffn
 
 D, F, V = 32, 64, 64
@@ -41,7 +42,7 @@ def forward(model, tokens, images):
 
 @pytest.mark.parametrize("g", [1, 4])
 def test_slices_with_unit_weights_equal_dense_ffn(g):
-    dense = Transformer(dense_cfg(), rngs=nnx.Rngs(0))
+    dense = Transformer(dense_cfg(scan_layers=False), rngs=nnx.Rngs(0))
     model = upcycle(dense, moe(g, g), g, reinit_fraction=0.0, rng=jax.random.key(1))
     layer, ffn = model.blocks[0].ffn, dense.blocks[0].ffn
     x = jax.random.normal(jax.random.key(2), (12, D))
@@ -59,8 +60,8 @@ def test_upcycled_model_equals_dense_model(g, n):
     appears n/g times at weight 1/n, so the sum is the dense FFN."""
     dense = Transformer(dense_cfg(), rngs=nnx.Rngs(0))
     model = upcycle(dense, moe(g, n), g, 0.0, rng=jax.random.key(3), output_scale=float(g))
-    for i in model.cfg.moe_layers:
-        model.blocks[i].ffn.router.kernel[...] = jnp.zeros_like(model.blocks[i].ffn.router.kernel)
+    router = model.stack.scanned.blocks[0].ffn.router.kernel  # scanned: every layer's [G, ...]
+    router[...] = jnp.zeros_like(router[...])
     tokens, images = data()
     np.testing.assert_allclose(
         forward(model, tokens, images), forward(dense, tokens, images), atol=1e-4, rtol=1e-4
@@ -98,7 +99,7 @@ def test_reinit_fraction_and_layout():
 
 
 def test_param_counts_match_formula_and_state_input():
-    dcfg = dense_cfg(mode="lm")
+    dcfg = dense_cfg(mode="lm", scan_layers=False)
     dense = Transformer(dcfg, rngs=nnx.Rngs(0))
     g, n = 4, 8
     mcfg = moe(g, n, router="null", top_k=4, rho=0.5)
@@ -119,6 +120,15 @@ def test_param_counts_match_formula_and_state_input():
     np.testing.assert_array_equal(
         model.blocks[0].attn.wq.kernel[...], dense.blocks[0].attn.wq.kernel[...]
     )
+    # a scanned dense source upcycles to the same weights in the scanned layout (groups of 2)
+    scanned = upcycle(
+        Transformer(dcfg.replace(scan_layers=True), rngs=nnx.Rngs(0)),
+        mcfg, g, rng=jax.random.key(0), moe_every=2,
+    )  # fmt: skip
+    assert scanned.stack.scanned.blocks[1].ffn.router.kernel.shape == (1, D, n + 1)
+    pure = unstack_params(scanned.cfg, nnx.to_pure_dict(nnx.state(scanned)))
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(pure)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_arguments_name_the_field():

@@ -31,7 +31,7 @@ from flax import nnx
 from moe_jax.hf.config import model_config, read_config
 from moe_jax.hf.safetensors import CheckpointReader
 from moe_jax.model import ModelConfig, Transformer
-from moe_jax.model.stack import to_layout
+from moe_jax.model.stack import stack_params, to_layout, unstack_params
 
 # Checkpoint tensors that hold no parameter (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -91,8 +91,12 @@ def _get(tree: dict, path: tuple):
 def load_params(
     reader: CheckpointReader, cfg: ModelConfig, abstract: dict, sharding: Sharding = None
 ) -> dict:
-    """Fills the pure-dict `abstract` (ShapeDtypeStruct leaves of the dense model) from the
-    checkpoint, tensor by tensor; checks every shape and that every tensor is used."""
+    """Fills the pure-dict `abstract` (ShapeDtypeStruct leaves of the dense model, either
+    layout) from the checkpoint, tensor by tensor; checks every shape and that every tensor is
+    used. Returns it in its layout."""
+    if "stack" in abstract:  # scanned: fill the unrolled paths, then stack
+        flat = load_params(reader, cfg, unstack_params(cfg, abstract), sharding)
+        return stack_params(cfg.replace(scan_layers=True), flat)
     used = set()
     for name, path, transpose in weight_map(cfg):
         if name not in reader:
@@ -156,6 +160,7 @@ def load_model(
     *,
     param_dtype: str | None = None,
     sharding: Sharding = None,
+    scan_layers: bool = True,
 ) -> tuple[Transformer, ModelConfig]:
     """(model, model_config) of a checkpoint directory (config.json + safetensors).
 
@@ -168,7 +173,9 @@ def load_model(
         dtype: compute dtype, "float32" or "bfloat16".
         param_dtype: parameter dtype (default = dtype).
         sharding: None (default device), one jax.sharding.Sharding for every parameter, or
-            a callable (parameter path "blocks.0.attn.wq.kernel", shape) -> Sharding.
+            a callable (parameter path "blocks.0.attn.wq.kernel", shape) -> Sharding; with
+            scan_layers the stacked arrays keep it behind an unsplit layer axis.
+        scan_layers: build the scanned layout (ModelConfig.scan_layers) or the unrolled one.
 
     Raises:
         UnsupportedCheckpointError: another architecture or a config field that cannot be
@@ -178,6 +185,7 @@ def load_model(
             a file that is not valid safetensors (naming the file and tensor).
     """
     cfg = model_config(read_config(path), dtype=dtype, param_dtype=param_dtype, where=path)
+    cfg = cfg.replace(scan_layers=scan_layers)
     reader = CheckpointReader(path)
     try:
         return read_model(reader, cfg, sharding), cfg

@@ -106,6 +106,18 @@ def _stack_trees(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _stack_placed(*xs):
+    """Stack concrete per-layer arrays; a NamedSharding stays, behind an unsplit layer axis."""
+    if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract tree
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+    out = jnp.stack(xs)
+    s = getattr(xs[0], "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(None, *s.spec)
+        out = jax.device_put(out, jax.sharding.NamedSharding(s.mesh, spec))
+    return out
+
+
 class BlockStack(nnx.Module):
     """Decoder blocks as G stacked groups of n (one scan) plus an unrolled tail (module doc).
 
@@ -198,10 +210,17 @@ def stack_params(cfg, pure: dict) -> dict:
     out = {k: v for k, v in pure.items() if k != "blocks"}
     blocks = pure["blocks"]
     have = lambda i: i in blocks  # noqa: E731 - a filtered state may lack dense blocks
-    scanned = {j: _stack_trees([blocks[i * n + j] for i in range(g)]) for j in range(n) if have(j)}
+    stack = lambda j: jax.tree.map(_stack_placed, *[blocks[i * n + j] for i in range(g)])  # noqa: E731
+    scanned = {j: stack(j) for j in range(n) if have(j)}
     tail = {k: blocks[g * n + k] for k in range(cfg.n_layers - g * n) if have(g * n + k)}
     out["stack"] = {"scanned": {"blocks": scanned}, "tail": tail}
     return out
+
+
+def _layer(a, i: int):
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    return a[i]
 
 
 def unstack_params(cfg, pure: dict) -> dict:
@@ -214,7 +233,7 @@ def unstack_params(cfg, pure: dict) -> dict:
     blocks = {}
     for i in range(g):
         for j in sorted(scanned):
-            blocks[i * n + int(j)] = jax.tree.map(lambda a, i=i: a[i], scanned[j])
+            blocks[i * n + int(j)] = jax.tree.map(lambda a, i=i: _layer(a, i), scanned[j])
     for k, v in tail.items():
         blocks[g * n + int(k)] = v
     out["blocks"] = blocks
