@@ -46,6 +46,8 @@ def test_bias_changes_selection_but_carries_no_gradient():
         return jnp.sum(r.weights) + r.lb_loss + r.z_loss
 
     assert float(jnp.max(jnp.abs(jax.grad(f)(bias)))) == 0.0
+    # Probabilities use the unbiased logits: the z-loss (a function of them alone) is the same.
+    assert float(biased.z_loss) == pytest.approx(float(base.z_loss), rel=1e-6)
 
 
 def _controlled_null_ratio(null_rate, steps=60):

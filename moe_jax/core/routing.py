@@ -184,7 +184,10 @@ def null_router(
     real = logits[:, :n]  # [T, N]
     null = sel[:, n]  # [T], selection value of each null copy
     log_m = math.log(num_nulls) if num_nulls > 0 else -jnp.inf
-    null_ex = null + log_m  # [T], total logit of the M copies
+    # Probabilities and losses use the unbiased null logit: with the bias in P_null, L_bal's
+    # push on the raw null logit never weakens while the controller holds f_null, and the
+    # logit and the bias ramp against each other (docs/results/study_lm.md).
+    null_ex = logits[:, n] + log_m  # [T], total logit of the M copies
     lse = jax.nn.logsumexp(jnp.concatenate([real, null_ex[:, None]], axis=1), axis=1)  # [T]
     p_real = jnp.exp(real - lse[:, None])  # [T, N]
     p_null = jnp.exp(null_ex - lse)  # [T], mass of all M copies together
