@@ -3,16 +3,20 @@ byte-level LM on the running interpreter's standard library (moe_jax.data.pystdl
 paired seeds; then, on the trained checkpoints, where the compute goes per byte class and the
 null router's eval-time compute knob next to top-k's k and XMoE's threshold.
 
-    python -m experiments.study_lm                 # the pilot: 2 seeds of every arm (about 1 h)
+    python -m experiments.study_lm                 # 7 arms x 2 seeds x 600 steps (hours)
     python -m experiments.study_lm --reuse         # resume: runs with a result.json are kept
+    python -m experiments.study_lm --reuse-only    # write up the finished runs, train nothing
     python -m experiments.study_lm --seeds 4 --reuse   # add seeds to a finished study
+    python -m experiments.study_lm --arms xmoe --seeds 1 --reuse   # add XMoE's t_eval knob
     python -m experiments.study_lm --quick         # CI size: tiny model, a few steps
 
-Runs go seed-major like study_v2 (complete seed pairs first) and the write-up
-(<out>/<name>.md, figures and summary.json in <out>/<name>/) is rendered after every seed
-round. Arms at E[K] = 2 active experts of width F: K^2_1.0, K^4_0.5 and K^8_0.25 with the
-first-batch calibration and the pi null-ratio controller, top-2, XMoE t=0.9 over 32 experts of
-F/4, and the dense FFN of equal active FLOPs (d_ff = 2F).
+Runs go seed-major like study_v2 (complete seed pairs first); after training, every run's
+checkpoint is analyzed (lm_analysis: byte classes and eval-time knobs, cached in
+<run>/analysis.json) and the write-up is rendered (<out>/<name>.md, figures and summary.json
+in <out>/<name>/, the hand-written reading from experiments/study_lm_notes.md when present).
+Arms at E[K] = 2 active experts of width F: K^2_1.0, K^4_0.5 and K^8_0.25 with the first-batch
+calibration and the pi null-ratio controller, K^8_0.25 with the paper's recipe, top-2, and the
+dense FFN of equal active FLOPs (d_ff = 2F); XMoE (t=0.9 over 32 experts of F/4) on request.
 """
 
 from __future__ import annotations
@@ -29,17 +33,21 @@ import numpy as np
 from experiments import aggregate, arms, figures, report, runner, study_v2
 
 LM_ARMS_BY_NAME = arms.ARMS_BY_NAME
-ARMS = ("k2_rho1", "k4_rho05_v2", "k8_rho025_v2", "k8_rho025", "topk", "dense")
+ARMS = ("k2_rho1", "k4_rho05_v2", "k8_rho025_v2", "k8_rho025", "k8_rho025_v2f", "topk", "dense")
 PAIRS = (  # (arm, baseline): the differences the study is about
     ("k4_rho05_v2", "k2_rho1"),
     ("k8_rho025_v2", "k2_rho1"),
     ("k8_rho025_v2", "k4_rho05_v2"),
     ("k8_rho025", "k2_rho1"),
     ("k8_rho025_v2", "k8_rho025"),
+    ("k8_rho025_v2f", "k8_rho025_v2"),
+    ("k8_rho025_v2f", "k8_rho025"),
+    ("k8_rho025_v2f", "k2_rho1"),
     ("topk", "k2_rho1"),
     ("dense", "k2_rho1"),
 )
-NOTES = "study_lm_notes.md"  # hand-written reading, inserted from <out>/ when present
+NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_lm_notes.md")
+# the hand-written reading of the full study, inserted into its write-up when present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,10 +385,9 @@ def write(a, preset: LMPreset, name: str, runs: dict, an: dict) -> str:
             f,
             indent=1,
         )
-    notes_path = os.path.join(a.out, NOTES)
     notes = ""
-    if not a.quick and os.path.exists(notes_path):
-        with open(notes_path, encoding="utf-8") as f:
+    if not a.quick and os.path.exists(NOTES):
+        with open(NOTES, encoding="utf-8") as f:
             notes = f.read().strip()
     text = markdown(a, preset, name, summ, expected, list(figs), seconds, corpus, an, rows, notes)
     path = os.path.join(a.out, f"{name}.md")
@@ -427,7 +434,12 @@ def markdown(a, preset, name, summ, expected, figs, seconds, corpus, an, rows, n
             "sqrt(seeds).",
             "- K^8_0.25 is run both ways: the paper's recipe (L_bal alone moves the null logit) "
             "and ours (first-batch calibration + pi controller, moe.null_bias_update_rate="
-            f"{arms.PI_RATE:g}); K^4_0.5 with ours only.",
+            f"{arms.PI_RATE:g}); K^4_0.5 with ours only. The +calibration+PI arms were "
+            "trained before the router fix of commit ffbce74 (the controller's selection bias "
+            "had entered the router probabilities, so L_bal and the bias ramped against each "
+            "other); `K^8_0.25 + calibration + PI, fixed` is the same config trained after it. "
+            "The fix changes training only: selection, gates and the held-out loss of a given "
+            "checkpoint are the same under both versions.",
             "",
             "## Power: seed-paired held-out loss differences",
             "",
