@@ -1,14 +1,15 @@
 """Every accelerator figure of the project in one process, on whatever device jax sees.
 
 In about 8 minutes on one H200 or one TPU chip:
-1. correctness: the Pallas kernels natively (gmm, transposed gmm, tgmm; bfloat16, float32;
+1. correctness: the Pallas kernels natively (on H100 / H200 both the Mosaic GPU and the Triton
+   family; gmm, transposed gmm, tgmm; bfloat16, float32;
    empty groups, all-null batches, rows past the real count) and every expert backend's MoE
    layer (values and gradients) against dense references; any non-finite value fails
    (correctness.py).
 2. gmm: gmm and tgmm TFLOP/s against a dense matmul of equal FLOPs, jax.lax.ragged_dot and
-   tokamax (when present), at a Mixtral-like shape (D=4096, F=14336, N=8) and a fine-grained
-   one (D=2048, F=1408, N=64), with 0, 50 and 75% null rows: time must fall with real rows
-   (gmm.py's bench_point).
+   tokamax (when present), for each kernel family (Mosaic GPU and Triton on Hopper), at a
+   Mixtral-like shape (D=4096, F=14336, N=8) and a fine-grained one (D=2048, F=1408, N=64),
+   with 0, 50 and 75% null rows: time must fall with real rows (gmm.py's bench_point).
 3. layer: the MoE layer's forward+backward rho sweep, iso-FLOP family and peers, with the
    backend "auto" picks here (moe_layer.py's run_shape and ratios).
 4. train: the train step of a 0.31B (dense) to 0.91B (MoE) parameter model for dense, K^2_1.0,
