@@ -244,6 +244,12 @@ def _lowering(
         )
         return mlir.lower_fun(ref, multiple_results=False)(ctx, *args)
     family = resolve_backend(backend, interpret, platform, devices)
+    if family == "mosaic_gpu" and interpret:
+        raise ValueError(
+            f"backend='mosaic_gpu' on a {platform!r} target runs only in Pallas's GPU "
+            "interpreter, which needs interpret=True when gmm / tgmm is called (interpret='auto' "
+            "decides at lowering, too late for it)"
+        )
     lhs_aval, other_aval = ctx.avals_in[:2]
     m, k = lhs_aval.shape
     if op == "gmm":

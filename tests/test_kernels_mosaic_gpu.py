@@ -163,6 +163,8 @@ def test_block_sizes_are_checked_naming_the_field():
         call(block_sizes=kp.BlockSizes(tm=64, tk=64, tn=512))
     with pytest.raises(ValueError, match="bytes of shared memory for Mosaic GPU gmm"):
         call(block_sizes=kp.BlockSizes(tm=256, tk=256, tn=256))
+    with pytest.raises(ValueError, match="GPU interpreter, which needs interpret=True"):
+        kp.gmm(x, w, sizes, backend="mosaic_gpu", interpret="auto")
 
 
 def _gpu(target):
