@@ -126,7 +126,12 @@ def _check_mosaic_gpu(devices: list) -> None:
 
 
 def mosaic_gpu_supported(device) -> bool:
-    """Whether the Mosaic GPU kernels compile for `device` with the running jax."""
+    """Whether the Mosaic GPU kernels compile for `device` with the running jax.
+
+    Args:
+        device: a jax device (also a compile-only one); True only for an NVIDIA GPU of compute
+            capability 9.x (H100, H200) under a jax with Mosaic GPU Pallas and its interpreter.
+    """
     cc = _cc(device) if device.platform in ("gpu", "cuda") else None
     return cc is not None and mosaic_gpu.unavailable_reason() is None and mosaic_gpu.supports_cc(cc)
 
@@ -141,8 +146,12 @@ def _cc(device) -> tuple[int, int] | None:
 
 
 def triton_supported(device) -> bool:
-    """Whether the Triton kernels compile for `device` (an NVIDIA GPU of compute capability
-    >= 8.0; also true for non-CUDA GPUs, where the capability is not defined)."""
+    """Whether the Triton kernels compile for `device`.
+
+    Args:
+        device: a jax device (also a compile-only one); True for an NVIDIA GPU of compute
+            capability >= 8.0 and for non-CUDA GPUs, where the capability is not defined.
+    """
     if device.platform not in ("gpu", "cuda", "rocm"):
         return False
     cc = _cc(device)
