@@ -1,9 +1,10 @@
 """Compile time against depth, scanned (model.scan_layers=True) vs unrolled blocks, on this CPU.
 
 For each layout and depth, the default model's train step (configs/default.py, exactly what
-train.py runs) is traced, lowered and compiled once in this process (jax's caches cleared
-between cases, no persistent compilation cache); then the step time of the two layouts at the
-default depth is measured in interleaved rounds on one batch, the state fed back (donated).
+train.py runs) is traced, lowered and compiled once in this process (after one untimed warm-up
+compile; jax's caches cleared between cases, no persistent compilation cache); then the step
+time of the two layouts at the default depth is measured in interleaved rounds on one batch,
+the state fed back (donated).
 
   python benchmarks/compile_time.py                       # depths 2 and 16, step time at 4
   python benchmarks/compile_time.py --depths 2 8 16 --rounds 5 --steps 20
@@ -108,6 +109,7 @@ def main() -> None:
     a = p.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {_load()}")
     secs = {}
+    compile_seconds(train_config(a.config, min(a.depths), True))  # warm-up: first-compile costs
     for layout in a.layouts:
         for n in a.depths:
             s = compile_seconds(train_config(a.config, n, layout == "scanned"))

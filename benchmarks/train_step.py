@@ -12,6 +12,7 @@ density K*rho.
   python benchmarks/train_step.py                 # default model + fine-grained variants
   python benchmarks/train_step.py --json out.json --rounds 7
   python benchmarks/train_step.py --only default  # the six default-model variants
+  python benchmarks/train_step.py --only layout   # K^4_0.5 scanned vs unrolled blocks
 
 Prints, per variant: median ms per step, tokens/s, the ratio to the dense step, the real
 experts per token, the load skew (largest expert's share of the rows times N), and where
@@ -65,6 +66,9 @@ FINE = (
     ("fine K^8_1.0 (N=32)", "k2_rho1,fine"),
     ("fine K^16_0.5 (N=32)", "default,fine"),
 )
+# Scanned blocks (model.scan_layers, the default) against the unrolled loop, side by side.
+LAYOUT = (("dense", "dense"), ("K^4_0.5", "default"), ("K^4_0.5 unrolled", "default"))
+UNROLLED = {"K^4_0.5 unrolled"}
 CATEGORIES = (
     ("combine", ("combine",)),
     ("dispatch", ("dispatch",)),
@@ -76,6 +80,7 @@ TARGETS = (  # (ratio name, numerator, denominator, bound, kind)
     ("speed(K^8_0.25)/speed(K^4_0.5)", "K^4_0.5", "K^8_0.25", 0.98, ">="),
     ("t(fine K^8_1.0)/t(dense)", "fine K^8_1.0 (N=32)", "dense", 1.2, "<="),
     ("t(fine K^16_0.5)/t(dense)", "fine K^16_0.5 (N=32)", "dense", 1.2, "<="),
+    ("t(scanned)/t(unrolled) K^4_0.5", "K^4_0.5", "K^4_0.5 unrolled", 1.05, "<="),
 )
 
 
@@ -192,7 +197,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     ap.add_argument("--calls", type=int, default=3, help="timed steps per variant per round")
-    ap.add_argument("--only", choices=("default", "fine", "all"), default="all")
+    ap.add_argument("--only", choices=("default", "fine", "layout", "all"), default="all")
     ap.add_argument(
         "--train-steps",
         type=int,
@@ -204,10 +209,12 @@ def main():
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()})")
-    chosen = {"default": DEFAULT, "fine": (DEFAULT[0], *FINE), "all": DEFAULT + FINE}[args.only]
+    chosen = {"default": DEFAULT, "fine": (DEFAULT[0], *FINE), "all": DEFAULT + FINE}
+    chosen = {**chosen, "layout": LAYOUT}[args.only]
     variants = []
     for label, arg in chosen:
-        v = Variant(label, arg, steps_before=3, train_steps=args.train_steps)
+        over = _unrolled if label in UNROLLED else None
+        v = Variant(label, arg, steps_before=3, train_steps=args.train_steps, overrides=over)
         variants.append(v)
         log(
             f"  {label} ({arg}): trained {args.train_steps} steps in {v.train_s:.0f} s, "
@@ -220,6 +227,10 @@ def main():
             v.recalibrate()
             shares[v.label] = scope_shares(v.compiled, v.call, CATEGORIES)
     report(variants, shares, args.json)
+
+
+def _unrolled(c) -> None:
+    c.model.scan_layers = False
 
 
 def time_rounds(variants, rounds: int, calls: int, log) -> None:
