@@ -80,7 +80,9 @@ def check_kernels(ops: dict, dtype: str, shape: tuple[int, int, int, int], exact
     y = jax.random.normal(keys[2], (rows, f), jnp.float32).astype(dt)  # [R, F]
     cases = group_cases(rows, groups)
 
-    def one_case(gs):  # the cases share one compiled body (lax.map): a third of the compiles
+    # The cases share one compiled body (lax.map): a third of the compiles. The operands are
+    # arguments, not captured constants, which XLA would fold (seconds per reference product).
+    def one_case(gs, x, w, y):
         out = {}
         if "gmm" in ops:
             out["gmm"] = (ops["gmm"](x, w, gs), kp.gmm_reference(x, w, gs))
@@ -91,7 +93,8 @@ def check_kernels(ops: dict, dtype: str, shape: tuple[int, int, int, int], exact
         return out
 
     stacked = jnp.asarray(np.stack(list(cases.values())))  # [cases, G]
-    got = jax.device_get(jax.jit(lambda s: jax.lax.map(one_case, s))(stacked))
+    run = jax.jit(lambda s, x, w, y: jax.lax.map(lambda gs: one_case(gs, x, w, y), s))
+    got = jax.device_get(run(stacked, x, w, y))
     results = {}
     for (i, case), op in ((c, op) for c in enumerate(cases) for op in got):
         out, want = got[op][0][i], got[op][1][i]

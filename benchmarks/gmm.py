@@ -57,6 +57,18 @@ def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {name: bench.seconds(name) for name in fns}
 
 
+def rhs_grad(matmul):
+    """(x, w, g, y) -> the weight gradient of matmul(x, w, g) for cotangent y: the tgmm peer.
+    The cotangent takes the product's own dtype (ragged_dot on GPU may return float32 for
+    bfloat16 operands)."""
+
+    def grad(x, w, g, y):
+        out, pull = jax.vjp(lambda v: matmul(x, v, g), w)
+        return pull(y.astype(out.dtype))[0]
+
+    return grad
+
+
 def bench_point(args, groups: int, null: float, backend: str, interpret: bool, extra=None) -> dict:
     """One (G, null) point: every variant timed side by side. extra(lhs, rhs, gs, grad) may
     add peers as {name: (jitted fn, args)} (benchmarks/accelerator.py: tokamax)."""
@@ -78,9 +90,7 @@ def bench_point(args, groups: int, null: float, backend: str, interpret: bool, e
     dense = jax.jit(lambda x, w: x @ w)  # [real, D] @ [D, F]
     dense_t = jax.jit(lambda x, y: x.T @ y)  # [D, real] @ [real, F]
     ragged = jax.jit(lambda x, w, g: jax.lax.ragged_dot(x, w, g))
-    ragged_t = jax.jit(
-        lambda x, w, g, y: jax.vjp(lambda v: jax.lax.ragged_dot(x, v, g), w)[1](y)[0]
-    )
+    ragged_t = jax.jit(rhs_grad(jax.lax.ragged_dot))
     fns = {
         "gmm": (gmm, (lhs, rhs, gs)),
         "dense": (dense, (dense_x, rhs[0])),
