@@ -338,15 +338,21 @@ def test_ctrl_c_saves_checkpoint_at_current_step_like_sigterm(chain):
 
 
 def test_second_ctrl_c_aborts_without_waiting_for_the_save():
-    with Preemption() as preempt:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
-        assert preempt.requested
-        with pytest.raises(KeyboardInterrupt):
+    # A process started in the background (nohup, `&`, some CI runners) inherits SIGINT
+    # ignored: install Python's usual handler for the test, and put back what was there.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Preemption() as preempt:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-    # The previous handlers are back: SIGINT raises KeyboardInterrupt as usual.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+            assert preempt.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        # The previous handlers are back: SIGINT raises KeyboardInterrupt as usual.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow
