@@ -218,6 +218,24 @@ def test_metrics_hold_each_step_once_and_a_finished_run_is_not_rerun(tmp_path, m
     assert again["eval"] == pytest.approx(ev)
 
 
+def test_checkpoints_folder_made_again_is_noticed(tmp_path):
+    """The checkpoints folder deleted and made again (a file system may hand the same inode
+    number back): the next save refuses with WorkdirVanishedError, it does not write into it."""
+    import shutil
+
+    d = str(tmp_path / "checkpoints")
+    ck = ckpt_lib.Checkpointer(d, every_steps=1, keep=2, async_save=False)
+    state = {"params": {"w": np.arange(8, dtype=np.float32)}}
+    ck.save(1, state, None)
+    shutil.rmtree(d)
+    os.makedirs(d)
+    with pytest.raises(ckpt_lib.WorkdirVanishedError, match="deleted or replaced"):
+        ck.save(2, state, None)
+    ck.mark_failed()
+    ck.close()
+    assert os.listdir(d) == []
+
+
 @pytest.mark.slow
 def test_deleting_the_workdir_mid_run_stops_with_an_error(tmp_path):
     """The workdir removed while train.py runs: the next save notices (the checkpoints folder

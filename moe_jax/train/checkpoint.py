@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 
 import grain
 import jax
@@ -49,12 +50,24 @@ class WorkdirVanishedError(RuntimeError):
     """The checkpoints folder was deleted or replaced while the run was writing to it."""
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+RUN_MARK = ".run_id"  # in the checkpoints folder: which run's process 0 created / holds it
+
+
+def _identity(path: str, mark: str | None = None) -> tuple | None:
+    """(device, inode, run id) of the checkpoints folder, None when it is gone. A folder
+    deleted and made again can get the same inode number back; the run id file written by
+    this run (process 0; ``mark``) tells it apart."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    if mark is None:
+        return st.st_dev, st.st_ino
+    try:
+        with open(os.path.join(path, RUN_MARK), encoding="utf-8") as f:
+            return st.st_dev, st.st_ino, f.read()
+    except OSError:
+        return st.st_dev, st.st_ino, None
 
 
 class CheckpointMismatchError(ValueError):
@@ -143,10 +156,19 @@ class Checkpointer:
         )
         self.async_save = async_save
         writes.quiet_orbax_tracebacks()  # a failed save raises here; orbax's logged copies go
-        self._identity = _identity(self.directory)  # to notice a deleted / replaced workdir
         self._main = jax.process_index() == 0
+        self._mark = None  # process 0: this run's id, written into the folder
+        if self._main:
+            self._mark = uuid.uuid4().hex
+            with writes.writing(os.path.join(self.directory, RUN_MARK)):
+                with open(os.path.join(self.directory, RUN_MARK), "w", encoding="utf-8") as f:
+                    f.write(self._mark)
+        self._identity = self._now()  # to notice a deleted / replaced workdir
         self._unsealed: list[int] = []  # saved steps without a checksum manifest yet
         self._failing = False  # set by the loop once a write failed: close() stays quiet
+
+    def _now(self) -> tuple | None:
+        return _identity(self.directory, self._mark)
 
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
@@ -157,7 +179,7 @@ class Checkpointer:
         The iterator position is read now, before this call returns, so the caller may keep
         drawing batches while the arrays are written in the background.
         """
-        if _identity(self.directory) != self._identity:
+        if self._now() != self._identity:
             raise WorkdirVanishedError(
                 f"{self.directory} was deleted or replaced during the run: stopping at step "
                 f"{step} without saving (nothing of this run would be found there). Rerun to "
@@ -189,7 +211,7 @@ class Checkpointer:
         try:
             return fn()
         except Exception as err:
-            if _identity(self.directory) != self._identity:
+            if self._now() != self._identity:
                 raise WorkdirVanishedError(
                     f"{self.directory} was deleted or replaced during the run: stopping "
                     "without saving. Rerun to start over."
@@ -306,7 +328,7 @@ class Checkpointer:
         try:
             self.wait()
         except Exception:
-            if _identity(self.directory) == self._identity and not self._failing:
+            if self._now() == self._identity and not self._failing:
                 raise
             # The folder is gone or a write already failed (that error is on its way): the
             # pending save could only fail, and must not hide the error that names the cause.
