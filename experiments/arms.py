@@ -114,19 +114,8 @@ V2_ARMS = (
         (("null_bias_update_rate", PI_RATE),),
     ),
 )
-# Study LM adds top-2 token choice at the same E[K] = 2 experts of width F, and the K^8_0.25
-# v2 arm trained after the fix that keeps the selection bias out of the router probabilities
-# (same config as k8_rho025_v2; the two names keep the runs of both code versions apart).
-LM_ARMS = (
-    Arm("topk", "top-2 (token choice)", "iso", "topk"),
-    Arm(
-        "k8_rho025_v2f",
-        "K^8_0.25 + calibration + PI, fixed",
-        "v2",
-        "k8_rho025",
-        (("null_bias_update_rate", PI_RATE),),
-    ),
-)
+# Study LM adds top-2 token choice at the same E[K] = 2 experts of width F.
+LM_ARMS = (Arm("topk", "top-2 (token choice)", "iso", "topk"),)
 ARMS_BY_NAME = {a.name: a for a in ARMS + V2_ARMS + LM_ARMS}
 # Plain-L_bal twin of each controller arm.
 CONTROLLER_BASELINE = {
@@ -134,7 +123,6 @@ CONTROLLER_BASELINE = {
     "k8_rho025_ctrl": "k8_rho025",
     "k4_rho05_v2": "k4_rho05",
     "k8_rho025_v2": "k8_rho025",
-    "k8_rho025_v2f": "k8_rho025",
 }
 
 

@@ -3,7 +3,7 @@ byte-level LM on the running interpreter's standard library (moe_jax.data.pystdl
 paired seeds; then, on the trained checkpoints, where the compute goes per byte class and the
 null router's eval-time compute knob next to top-k's k and XMoE's threshold.
 
-    python -m experiments.study_lm                 # 7 arms x 2 seeds x 600 steps (hours)
+    python -m experiments.study_lm                 # 10 arms x 2 seeds x 600 steps (~30 min, 2 cores)
     python -m experiments.study_lm --reuse         # resume: runs with a result.json are kept
     python -m experiments.study_lm --reuse-only    # write up the finished runs, train nothing
     python -m experiments.study_lm --seeds 4 --reuse   # add seeds to a finished study
@@ -16,7 +16,8 @@ checkpoint is analyzed (lm_analysis: byte classes and eval-time knobs, cached in
 in <out>/<name>/, the hand-written reading from experiments/study_lm_notes.md when present).
 Arms at E[K] = 2 active experts of width F: K^2_1.0, K^4_0.5 and K^8_0.25 with the first-batch
 calibration and the pi null-ratio controller, K^8_0.25 with the paper's recipe, top-2, and the
-dense FFN of equal active FLOPs (d_ff = 2F); XMoE (t=0.9 over 32 experts of F/4) on request.
+dense FFN of equal active FLOPs (d_ff = 2F), XMoE (t=0.9 over 32 experts of F/4); and the
+rho frontier at k_max = 4 (K^4 at rho 1, 2/3 and 1/2, the paper's recipe).
 """
 
 from __future__ import annotations
@@ -33,18 +34,22 @@ import numpy as np
 from experiments import aggregate, arms, figures, report, runner, study_v2
 
 LM_ARMS_BY_NAME = arms.ARMS_BY_NAME
-ARMS = ("k2_rho1", "k4_rho05_v2", "k8_rho025_v2", "k8_rho025", "k8_rho025_v2f", "topk", "dense")
+ARMS = (  # E[K] = 2 family first, then the rho frontier at k_max = 4, then XMoE
+    *("k2_rho1", "k4_rho05_v2", "k8_rho025_v2", "k8_rho025", "topk", "dense"),
+    *("k4_rho1", "k4_rho067", "k4_rho05", "xmoe"),
+)
 PAIRS = (  # (arm, baseline): the differences the study is about
     ("k4_rho05_v2", "k2_rho1"),
     ("k8_rho025_v2", "k2_rho1"),
     ("k8_rho025_v2", "k4_rho05_v2"),
     ("k8_rho025", "k2_rho1"),
     ("k8_rho025_v2", "k8_rho025"),
-    ("k8_rho025_v2f", "k8_rho025_v2"),
-    ("k8_rho025_v2f", "k8_rho025"),
-    ("k8_rho025_v2f", "k2_rho1"),
+    ("k4_rho05_v2", "k4_rho05"),
+    ("xmoe", "k2_rho1"),
     ("topk", "k2_rho1"),
     ("dense", "k2_rho1"),
+    ("k4_rho067", "k4_rho1"),
+    ("k4_rho05", "k4_rho1"),
 )
 NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_lm_notes.md")
 # the hand-written reading of the full study, inserted into its write-up when present
@@ -434,12 +439,12 @@ def markdown(a, preset, name, summ, expected, figs, seconds, corpus, an, rows, n
             "sqrt(seeds).",
             "- K^8_0.25 is run both ways: the paper's recipe (L_bal alone moves the null logit) "
             "and ours (first-batch calibration + pi controller, moe.null_bias_update_rate="
-            f"{arms.PI_RATE:g}); K^4_0.5 with ours only. The +calibration+PI arms were "
-            "trained before the router fix of commit ffbce74 (the controller's selection bias "
-            "had entered the router probabilities, so L_bal and the bias ramped against each "
-            "other); `K^8_0.25 + calibration + PI, fixed` is the same config trained after it. "
-            "The fix changes training only: selection, gates and the held-out loss of a given "
-            "checkpoint are the same under both versions.",
+            f"{arms.PI_RATE:g}); K^4_0.5 both ways too. Every run here is trained with the "
+            "router fix of commit ffbce74: the controller's selection bias no longer enters the "
+            "router probabilities (L_bal, z-loss), which is what made calibration + PI hurt "
+            "K^8_0.25 in study_v2 (see the reading above).",
+            "- The rho frontier at k_max = 4: K^4_1.0, K^4_0.67 and K^4_0.5 (paper's recipe), "
+            "E[K] = 4, 2.67 and 2.",
             "",
             "## Power: seed-paired held-out loss differences",
             "",
