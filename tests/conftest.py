@@ -22,11 +22,16 @@ def _tokamax_installable() -> tuple[bool, str]:
     return ok, why
 
 
+# Whether tokamax can be installed here at all, and this environment in words; the tokamax
+# tests (tests/test_tokamax.py) read these too.
+TOKAMAX_INSTALLABLE, TOKAMAX_ENV = _tokamax_installable()
+
+
 def pytest_report_header(config):
-    ok, why = _tokamax_installable()
-    if not ok:
+    if not TOKAMAX_INSTALLABLE:
         return (
-            f"tokamax tests deselected: tokamax needs Python >= 3.12 and jax >= 0.11.1 ({why}); "
+            "tokamax tests deselected: tokamax needs Python >= 3.12 and jax >= 0.11.1 "
+            f"({TOKAMAX_ENV}); "
             "test_clear_error_without_tokamax covers this environment"
         )
     return None
@@ -35,7 +40,7 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     """Tests of the tokamax backend (those using the `tokamax` fixture) are deselected, not
     skipped, where tokamax cannot be installed at all; the header line says so."""
-    if _tokamax_installable()[0]:
+    if TOKAMAX_INSTALLABLE:
         return
     drop = [it for it in items if "tokamax" in getattr(it, "fixturenames", ())]
     if drop:
