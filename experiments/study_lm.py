@@ -441,8 +441,9 @@ def markdown(a, preset, name, summ, expected, figs, seconds, corpus, an, rows, n
             "and ours (first-batch calibration + pi controller, moe.null_bias_update_rate="
             f"{arms.PI_RATE:g}); K^4_0.5 both ways too. Every run here is trained with the "
             "router fix of commit ffbce74: the controller's selection bias no longer enters the "
-            "router probabilities (L_bal, z-loss), which is what made calibration + PI hurt "
-            "K^8_0.25 in study_v2 (see the reading above).",
+            "router probabilities (L_bal, z-loss), the defect this study traced as the cause of "
+            "calibration + PI hurting K^8_0.25 in study_v2 (see the reading above; study_v2 "
+            "itself was not rerun).",
             "- The rho frontier at k_max = 4: K^4_1.0, K^4_0.67 and K^4_0.5 (paper's recipe), "
             "E[K] = 4, 2.67 and 2.",
             "",
