@@ -85,6 +85,19 @@ def test_metric_writer_raises_naming_the_file_at_the_size_limit(tmp_path, tensor
     assert not err.value.checkpoint
 
 
+def test_workdir_lock_write_failure_is_one_error_and_releases_the_lock(tmp_path):
+    """Writing the holder line into <workdir>/.lock fails (ulimit -f 0): WriteFailedError
+    naming the lock file (train.py's one error line), and the lock is not left held."""
+    from moe_jax.train.workdir import WorkdirLock
+
+    with file_size_limit(0), pytest.raises(WriteFailedError) as err:
+        with WorkdirLock(str(tmp_path)):
+            pass
+    assert ".lock" in str(err.value) and "(EFBIG)" in str(err.value), str(err.value)
+    with WorkdirLock(str(tmp_path)) as lock:  # free again: no WorkdirBusyError
+        assert "pid" in open(lock.path, encoding="utf-8").read()
+
+
 def test_failed_async_checkpoint_is_one_error_and_no_logged_tracebacks(tmp_path, caplog):
     """Orbax's background save fails: check() (called every step) raises WriteFailedError
     naming the step and the file system's reason; orbax's own logged tracebacks are dropped."""

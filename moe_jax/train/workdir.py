@@ -100,8 +100,13 @@ class WorkdirLock:
                 f"workdir {self.workdir} is in use by another run ({holder}); wait for it to "
                 "finish, stop it, or pass another --workdir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:  # who holds it, for a second run's message; a failed write is one error line
+            with writing(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # releases the lock
+            raise
         self._fd = fd
         return self
 
